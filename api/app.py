@@ -1,0 +1,58 @@
+"""The FastAPI application: the lifespan owns the pools; routes stay thin."""
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from api.auth import BearerAuth
+from api.context import ApiContext
+from api.errors import install_error_handlers
+from api.routes import chat, health, models
+from api.waiter import JobWaiter
+from core.db import async_engine, async_sessions
+from core.queue import make_celery
+from core.settings import ApiSettings, api_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    """Build the API application."""
+    settings = settings or api_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = async_engine(settings.database_url, settings.db_pool_size)
+        redis = aioredis.from_url(settings.redis_url, health_check_interval=10)
+        waiter = JobWaiter(redis)
+        await waiter.start()
+        app.state.ctx = ApiContext(
+            settings=settings,
+            engine=engine,
+            sessions=async_sessions(engine),
+            redis=redis,
+            celery=make_celery(settings, "ferry-api"),
+            waiter=waiter,
+        )
+        try:
+            yield
+        finally:
+            await waiter.stop()
+            await redis.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Ferry",
+        summary="An OpenAI-compatible chat completions service.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BearerAuth)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(chat.router)
+    return app

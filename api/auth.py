@@ -1,0 +1,72 @@
+"""Bearer-key authentication for every `/v1` route, checked before the body is read."""
+
+import json
+
+from sqlalchemy import select
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from core.errors import (
+    AuthenticationError,
+    FerryError,
+    MissingApiKeyError,
+    ServiceUnavailableError,
+)
+from core.keys import hash_key
+from core.tables import ApiKey
+
+_NO_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization "
+    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+
+
+class BearerAuth:
+    """Pure ASGI middleware: resolves the key to `scope["state"]["api_key"]` or answers 401."""
+
+    def __init__(self, app: ASGIApp, prefix: str = "/v1/") -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        try:
+            key = await self._authenticate(scope)
+        except FerryError as exc:
+            await _send_error(send, exc)
+            return
+        scope.setdefault("state", {})["api_key"] = key
+        await self.app(scope, receive, send)
+
+    async def _authenticate(self, scope: Scope) -> ApiKey:
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise MissingApiKeyError(_NO_KEY)
+        ctx = scope["app"].state.ctx
+        try:
+            async with ctx.sessions() as session:
+                key = await session.scalar(
+                    select(ApiKey).where(
+                        ApiKey.key_hash == hash_key(token), ApiKey.revoked_at.is_(None)
+                    )
+                )
+        except Exception as exc:
+            raise ServiceUnavailableError(
+                "The database is unavailable; try again shortly."
+            ) from exc
+        if key is None:
+            shown = f"{token[:8]}...{token[-4:]}" if len(token) > 12 else "***"
+            raise AuthenticationError(f"Incorrect API key provided: {shown}.")
+        return key
+
+
+async def _send_error(send: Send, exc: FerryError) -> None:
+    body = json.dumps(exc.envelope()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if exc.status_code == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

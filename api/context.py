@@ -1,0 +1,32 @@
+"""What the API process holds for its lifetime: database and Redis pools, Celery, the waiter."""
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from celery import Celery
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from api.waiter import JobWaiter
+from core.queue import WORKERS_KEY, WorkerBeat, live_beats
+from core.settings import ApiSettings
+
+
+@dataclass
+class ApiContext:
+    settings: ApiSettings
+    engine: AsyncEngine
+    sessions: async_sessionmaker
+    redis: aioredis.Redis
+    celery: Celery
+    waiter: JobWaiter
+
+    async def live_workers(self) -> list[WorkerBeat]:
+        """Workers whose heartbeat is fresh; stale entries are dropped on the way."""
+        raw = await self.redis.hgetall(WORKERS_KEY)
+        live, stale = live_beats(raw, self.settings.worker_ttl_seconds)
+        if stale:
+            await self.redis.hdel(WORKERS_KEY, *stale)
+        return live
+
+    async def has_live_worker(self, model: str) -> bool:
+        return any(beat.model == model for beat in await self.live_workers())

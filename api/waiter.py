@@ -1,0 +1,78 @@
+"""Wakes requests waiting for their job: one Redis subscription per API process.
+
+Workers publish a job's id on JOB_DONE_CHANNEL when it ends. Each waiting request registers an
+event here before its job is enqueued, so no notification can slip past it; nothing polls Postgres.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import redis.asyncio as aioredis
+
+from core.queue import JOB_DONE_CHANNEL
+
+log = logging.getLogger(__name__)
+
+
+class JobWaiter:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._events: dict[str, set[asyncio.Event]] = {}
+        self._subscribed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 5.0) -> None:
+        """Subscribe; returns once subscribed, or after `timeout` if Redis is away."""
+        self._task = asyncio.create_task(self._listen(), name="job-waiter")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
+        """An event set when `job_id` may have ended; register it before enqueueing the job."""
+        event = asyncio.Event()
+        self._events.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            events = self._events.get(job_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._events[job_id]
+
+    def _wake(self, job_id: str) -> None:
+        for event in self._events.get(job_id, ()):
+            event.set()
+
+    def _wake_all(self) -> None:
+        for events in self._events.values():
+            for event in events:
+                event.set()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(JOB_DONE_CHANNEL)
+                    self._subscribed.set()
+                    # Jobs may have ended while the subscription was down: let waiters look.
+                    self._wake_all()
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            data = message["data"]
+                            self._wake(data.decode() if isinstance(data, bytes) else data)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._subscribed.clear()
+                log.warning("job notifications lost (%s); resubscribing", exc)
+                await asyncio.sleep(0.5)

@@ -1,0 +1,192 @@
+"""The `ferry` command: serve the API, run a worker, migrate, prepare the model, manage keys."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from core.settings import DEFAULT_MODEL, CoreSettings
+
+
+def _configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from api.app import create_app
+    from core.settings import ApiSettings
+
+    settings = ApiSettings()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    _configure_logging(args.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=30,
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from core.settings import WorkerSettings
+    from workers.main import run
+
+    overrides = {
+        name: value
+        for name, value in {
+            "model": args.model,
+            "model_path": args.model_path,
+            "max_num_seqs": args.max_num_seqs,
+            "max_model_len": args.max_model_len,
+            "dtype": args.dtype,
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "cpu_kv_cache_gib": args.kv_cache_gib,
+            "enforce_eager": args.enforce_eager or None,
+            "engine_args": args.engine_args,
+        }.items()
+        if value is not None
+    }
+    _configure_logging(args.log_level)
+    run(WorkerSettings(**overrides), loglevel=args.log_level)
+
+
+def alembic_config(database_url: str):
+    """Alembic's configuration for the packaged migrations, wherever Ferry is run from."""
+    from alembic.config import Config
+
+    import migrations
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> None:
+    from alembic import command
+
+    from core.db import ensure_database
+
+    settings = CoreSettings()
+    if ensure_database(settings.database_url):
+        print("created the database")
+    command.upgrade(alembic_config(settings.database_url), args.revision)
+    print(f"database at {args.revision}")
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> None:
+    from workers.model_prep import prepare_default_model
+
+    _configure_logging("WARNING")
+    print(prepare_default_model(CoreSettings().cache_dir))
+
+
+def _key_sessions():
+    from core.db import sync_engine, sync_sessions
+
+    return sync_sessions(sync_engine(CoreSettings().database_url, pool_size=1))
+
+
+def cmd_keys_create(args: argparse.Namespace) -> None:
+    from core.ids import new_id
+    from core.keys import hash_key, new_key
+    from core.tables import ApiKey
+
+    key = new_key()
+    with _key_sessions().begin() as session:
+        row = ApiKey(
+            id=new_id("key"),
+            name=args.name,
+            project=args.project,
+            key_hash=hash_key(key),
+            key_prefix=key[:14],
+        )
+        session.add(row)
+    print(f"created key {row.id} ({args.name}, project {args.project}); it is shown only once:")
+    print(key)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    from sqlalchemy import select
+
+    from core.tables import ApiKey
+
+    with _key_sessions()() as session:
+        for key in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
+            state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+            print(f"{key.id}\t{key.name}\t{key.project}\t{key.key_prefix}...\t{state}")
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> None:
+    from sqlalchemy import func, update
+
+    from core.tables import ApiKey
+
+    with _key_sessions().begin() as session:
+        done = session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == args.id, ApiKey.revoked_at.is_(None))
+            .values(revoked_at=func.now())
+        ).rowcount
+    if not done:
+        sys.exit(f"no active key {args.id}")
+    print(f"revoked {args.id}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ferry", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    api = sub.add_parser("api", help="serve the HTTP API")
+    api.add_argument("--host", help="default: FERRY_HOST or 127.0.0.1")
+    api.add_argument("--port", type=int, help="default: FERRY_PORT or 8000")
+    api.add_argument("--log-level", default="INFO")
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run a worker that serves one model")
+    worker.add_argument("--model", help=f"served model name (default: {DEFAULT_MODEL})")
+    worker.add_argument("--model-path", help="model folder (default: the prepared default model)")
+    worker.add_argument("--max-num-seqs", type=int, help="requests held in the engine at once")
+    worker.add_argument("--max-model-len", type=int, help="context length")
+    worker.add_argument("--dtype", help="weights' dtype (default: auto)")
+    worker.add_argument("--tensor-parallel-size", type=int, help="GPUs per engine")
+    worker.add_argument("--gpu-memory-utilization", type=float, help="GPU memory share, 0..1")
+    worker.add_argument("--kv-cache-gib", type=int, help="KV cache in GiB (CPU builds)")
+    worker.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs/compile")
+    worker.add_argument("--engine-args", help="more vLLM engine arguments, as one string")
+    worker.add_argument("--log-level", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
+    upgrade = db.add_parser("upgrade", help="create the database if needed and migrate it")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.set_defaults(func=cmd_db_upgrade)
+
+    model = sub.add_parser("model", help="models").add_subparsers(dest="model", required=True)
+    prepare = model.add_parser("prepare", help="build the default model's folder; prints its path")
+    prepare.set_defaults(func=cmd_model_prepare)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)
+    create = keys.add_parser("create", help="create a key; prints it once, on the last line")
+    create.add_argument("name")
+    create.add_argument("--project", default="default")
+    create.set_defaults(func=cmd_keys_create)
+    keys.add_parser("list", help="list keys").set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("id")
+    revoke.set_defaults(func=cmd_keys_revoke)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""One error family, rendered as OpenAI's envelope `{"error": {message, type, param, code}}`.
+
+The same shape is stored on failed jobs, so a job's error reads as the HTTP error would.
+"""
+
+from typing import Any
+
+
+class FerryError(Exception):
+    """An error with an HTTP status that renders as OpenAI's error envelope."""
+
+    status_code = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status_code: int | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status_code is not None:
+            self.status_code = status_code
+        if type is not None:
+            self.type = type
+
+    def envelope(self) -> dict[str, Any]:
+        """OpenAI's error body for this error."""
+        return error_envelope(self.message, self.type, self.param, self.code)
+
+
+def error_envelope(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error body."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class InvalidRequestError(FerryError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(FerryError):
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class MissingApiKeyError(AuthenticationError):
+    code = None
+
+
+class NotFoundError(FerryError):
+    status_code = 404
+    type = "invalid_request_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' does not exist: no worker has ever served it.", param="model"
+        )
+
+
+class ServiceUnavailableError(FerryError):
+    status_code = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class GatewayTimeoutError(FerryError):
+    status_code = 504
+    type = "server_error"
+    code = "timeout"
+
+
+class EngineError(FerryError):
+    """The engine failed on a job."""
+
+    status_code = 500
+    type = "server_error"
+    code = "engine_error"

@@ -1,0 +1,163 @@
+"""The engine host: one long-lived vLLM engine per worker process, fed by many task threads.
+
+The engine and vLLM's own OpenAI chat layer (`OpenAIServingChat`: chat template, sampling
+parameters, tool parsing, structured outputs, logprobs) run on an asyncio loop in a background
+thread. Celery task threads hand requests to that loop and block on the answer, so every task in
+flight is a request inside the engine, which batches them all.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from core.errors import FerryError, InvalidRequestError
+from core.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Fields of OpenAI's request that Ferry handles itself and vLLM's request model does not take.
+FERRY_ONLY_FIELDS = frozenset(
+    {
+        "metadata",
+        "store",
+        "service_tier",
+        "prediction",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+        "moderation",
+        "verbosity",
+        "web_search_options",
+        "modalities",
+        "audio",
+    }
+)
+
+
+class EngineDead(Exception):
+    """The engine can take no more requests; the worker must exit and be restarted."""
+
+
+def engine_argv(settings: WorkerSettings, model_path: str) -> list[str]:
+    """vLLM's command-line arguments for this worker's engine."""
+    argv = [
+        "--model",
+        model_path,
+        "--served-model-name",
+        settings.model,
+        "--max-num-seqs",
+        str(settings.max_num_seqs),
+        "--max-model-len",
+        str(settings.max_model_len),
+        "--dtype",
+        settings.dtype,
+        "--tensor-parallel-size",
+        str(settings.tensor_parallel_size),
+        "--gpu-memory-utilization",
+        str(settings.gpu_memory_utilization),
+        "--disable-log-stats",
+    ]
+    if settings.enforce_eager:
+        argv.append("--enforce-eager")
+    return argv + shlex.split(settings.engine_args)
+
+
+class EngineHost:
+    """Owns the engine, its event loop thread, and vLLM's chat serving object."""
+
+    def __init__(self, settings: WorkerSettings, model_path: str) -> None:
+        self.settings = settings
+        self.model_path = model_path
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="engine-loop", daemon=True
+        )
+        self._stack = contextlib.AsyncExitStack()
+        self._engine: Any = None
+        self._chat: Any = None
+        self.dead = threading.Event()
+
+    def start(self) -> None:
+        """Load the model and warm the engine; returns when it takes requests."""
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kv_cache_gib))
+        self._thread.start()
+        self._call(self._open())
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _open(self) -> None:
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+            engine_argv(self.settings, self.model_path)
+        )
+        validate_parsed_serve_args(args)
+        self._engine = await self._stack.enter_async_context(build_async_engine_client(args))
+        state = State()
+        await init_app_state(self._engine, state, args, await self._engine.get_supported_tasks())
+        self._chat = state.openai_serving_chat
+
+    def chat_completion(self, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Run one OpenAI chat request to completion; blocks the calling thread, not the engine."""
+        if self.dead.is_set():
+            raise EngineDead("the engine has stopped")
+        return self._call(self._chat_completion(request_id, body))
+
+    async def _chat_completion(self, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        from pydantic import ValidationError
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        fields = {k: v for k, v in body.items() if k not in FERRY_ONLY_FIELDS}
+        fields.update(stream=False, request_id=request_id)
+        try:
+            request = ChatCompletionRequest.model_validate(fields)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise InvalidRequestError(first["msg"], param=param) from exc
+        try:
+            result = await self._chat.create_chat_completion(request)
+        except EngineDeadError as exc:
+            self.dead.set()
+            raise EngineDead(str(exc)) from exc
+        except VLLMClientError as exc:
+            # The message without vLLM's "(parameter=..., value=...)" suffix.
+            raise engine_error(str(exc.args[0]) if exc.args else str(exc), 400) from exc
+        if isinstance(result, ErrorResponse):
+            raise engine_error(result.error.message, result.error.code)
+        return result.model_dump(mode="json")
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request inside the engine."""
+        self._call(self._engine.abort(request_id))
+
+    def close(self) -> None:
+        """Shut the engine down and stop the loop."""
+        with contextlib.suppress(Exception):
+            self._call(self._stack.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+def engine_error(message: str, status: int) -> FerryError:
+    """vLLM's error as Ferry's: the same message, with OpenAI's type and code for the status."""
+    if 400 <= status < 500:
+        code = "context_length_exceeded" if "context length" in message.lower() else None
+        return FerryError(message, status_code=status, type="invalid_request_error", code=code)
+    return FerryError(message, status_code=status, type="server_error", code="engine_error")

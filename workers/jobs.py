@@ -1,0 +1,75 @@
+"""A job's life in the database, seen from the worker: claim, succeed, fail."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.tables import Job, JobStatus
+
+
+@dataclass
+class ClaimedJob:
+    id: str
+    model: str
+    request: dict[str, Any]
+    created: int
+    metadata: dict[str, str] | None
+    attempts: int
+
+
+def claim(sessions: sessionmaker[Session], job_id: str, worker: str) -> ClaimedJob | None:
+    """Mark a job running; None if it has already ended (a redelivered task does nothing)."""
+    with sessions.begin() as session:
+        row = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
+            .values(
+                status=JobStatus.running,
+                started_at=func.now(),
+                attempts=Job.attempts + 1,
+                worker=worker,
+            )
+            .returning(Job.id, Job.model, Job.request, Job.created, Job.metadata_, Job.attempts)
+        ).one_or_none()
+    if row is None:
+        return None
+    return ClaimedJob(*row)
+
+
+def succeed(sessions: sessionmaker[Session], job_id: str, response: dict[str, Any]) -> bool:
+    """Store the completion; False if the job had already ended (nothing is written twice)."""
+    usage = response.get("usage") or {}
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.running)
+            .values(
+                status=JobStatus.succeeded,
+                response=response,
+                prompt_tokens=usage.get("prompt_tokens"),
+                completion_tokens=usage.get("completion_tokens"),
+                total_tokens=usage.get("total_tokens"),
+                finished_at=func.now(),
+            )
+        )
+    return bool(result.rowcount)
+
+
+def fail(
+    sessions: sessionmaker[Session], job_id: str, status: int, envelope: dict[str, Any]
+) -> bool:
+    """Store the job's error (OpenAI's envelope) and the HTTP status it answers with."""
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
+            .values(
+                status=JobStatus.failed,
+                error=envelope,
+                error_status=status,
+                finished_at=func.now(),
+            )
+        )
+    return bool(result.rowcount)
