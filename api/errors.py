@@ -135,11 +135,16 @@ async def _ferry_error(_: Request, exc: Exception) -> JSONResponse:
     return _response(exc.status_code, exc.envelope())
 
 
+def _specificity(error: dict[str, Any]) -> tuple[int, bool]:
+    """Each member of a union reports; the one that names the deepest field and is not a mere
+    type mismatch (e.g. `stop` too long as a list, rather than "not a string") says most."""
+    return len(param_path(tuple(error["loc"])) or ""), not error["type"].endswith("_type")
+
+
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
-    # A union's members each report; the most specific (longest path) names the field best.
-    first = max(errors, key=lambda e: len(param_path(tuple(e["loc"])) or "")) if errors else None
+    first = max(errors, key=_specificity) if errors else None
     if first is None:
         return _response(400, error_envelope("Invalid request.", "invalid_request_error"))
     message, param, code = describe(first)

@@ -52,7 +52,7 @@ class InvalidRequestError(FerryError):
 class AuthenticationError(FerryError):
     status_code = 401
     type = "invalid_request_error"
-    code = "invalid_api_key"
+    code: str | None = "invalid_api_key"
 
 
 class MissingApiKeyError(AuthenticationError):

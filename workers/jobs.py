@@ -1,9 +1,9 @@
 """A job's life in the database, seen from the worker: claim, succeed, fail."""
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, update
+from sqlalchemy import CursorResult, func, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.tables import Job, JobStatus
@@ -54,7 +54,7 @@ def succeed(sessions: sessionmaker[Session], job_id: str, response: dict[str, An
                 finished_at=func.now(),
             )
         )
-    return bool(result.rowcount)
+    return bool(cast(CursorResult, result).rowcount)
 
 
 def fail(
@@ -72,4 +72,4 @@ def fail(
                 finished_at=func.now(),
             )
         )
-    return bool(result.rowcount)
+    return bool(cast(CursorResult, result).rowcount)

