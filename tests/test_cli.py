@@ -1,0 +1,48 @@
+"""The `ferry` command's contract: what it prints and what it stores."""
+
+from pathlib import Path
+
+import httpx
+from sqlalchemy import Engine, text
+
+from bench.stack import Stack
+from core.keys import hash_key
+
+
+def test_keys_create_prints_the_key_once_and_stores_only_its_hash(stack: Stack, db: Engine):
+    out = stack.ferry("keys", "create", "cli-test", "--project", "alpha")
+    key = out.strip().splitlines()[-1]
+    assert key.startswith("sk-ferry-") and " " not in key
+    with db.connect() as conn:
+        rows = conn.execute(text("SELECT * FROM api_keys WHERE name = 'cli-test'")).mappings().all()
+    assert len(rows) == 1
+    assert rows[0]["key_hash"] == hash_key(key)
+    assert rows[0]["project"] == "alpha"
+    assert key not in str(dict(rows[0]))
+
+    listed = stack.ferry("keys", "list")
+    assert rows[0]["id"] in listed and key not in listed
+
+
+def test_revoked_key_gets_401_at_once(stack: Stack):
+    key = stack.create_key("to-revoke")
+    key_id = [line for line in stack.ferry("keys", "list").splitlines() if "to-revoke" in line]
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(f"{stack.base_url}/v1/models", headers=headers).status_code == 200
+    stack.ferry("keys", "revoke", key_id[0].split("\t")[0])
+    assert httpx.get(f"{stack.base_url}/v1/models", headers=headers).status_code == 401
+
+
+def test_model_prepare_prints_the_folder_last(stack: Stack):
+    folder = Path(stack.ferry("model", "prepare").strip().splitlines()[-1])
+    assert (folder / "config.json").is_file()
+    assert (folder / "model.safetensors").is_file()
+    assert (folder / "tokenizer.json").is_file()
+    assert folder.name == "SmolLM2-135M-Instruct"
+
+
+def test_db_upgrade_is_idempotent(stack: Stack, db: Engine):
+    assert "database at head" in stack.ferry("db", "upgrade")
+    with db.connect() as conn:
+        version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    assert version == "0001"
