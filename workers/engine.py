@@ -153,6 +153,16 @@ class EngineHost:
             self._call(self._stack.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        kill_engine_processes()
+
+
+def kill_engine_processes() -> None:
+    """Kill what is left of the engine's processes; a dead engine core can orphan its workers."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def engine_error(message: str, status: int) -> FerryError:

@@ -13,7 +13,7 @@ from core.queue import CHAT_COMPLETION_TASK, JOB_DONE_CHANNEL, make_celery
 from core.settings import WorkerSettings
 from core.wire import ChatCompletion
 from workers import jobs
-from workers.engine import EngineDead, EngineHost
+from workers.engine import EngineDead, EngineHost, kill_engine_processes
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def chat_completion(job_id: str) -> None:
         jobs.fail(rt.sessions, job_id, error.status_code, error.envelope())
         rt.redis.publish(JOB_DONE_CHANNEL, job_id)
         # The process is no use without its engine: exit so that a supervisor restarts it.
+        kill_engine_processes()
         os._exit(3)
     except FerryError as exc:
         jobs.fail(rt.sessions, job_id, exc.status_code, exc.envelope())
