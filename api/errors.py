@@ -48,6 +48,15 @@ def param_path(loc: tuple[Any, ...]) -> str | None:
     return path or None
 
 
+# Pydantic's bound errors: OpenAI's words, the bound's key in the error's context, sign, code.
+_BOUNDS = {
+    "less_than_equal": ("above maximum", "le", "<=", "above_max_value"),
+    "less_than": ("above maximum", "lt", "<", "above_max_value"),
+    "greater_than_equal": ("below minimum", "ge", ">=", "below_min_value"),
+    "greater_than": ("below minimum", "gt", ">", "below_min_value"),
+}
+
+
 def _number_kind(limit: Any) -> str:
     return "integer" if isinstance(limit, int) and not isinstance(limit, bool) else "decimal"
 
@@ -65,25 +74,15 @@ def describe(error: dict[str, Any]) -> tuple[str, str | None, str | None]:
         return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}", param, "unknown_parameter"
-    if kind in ("less_than_equal", "less_than"):
-        limit = ctx.get("le", ctx.get("lt"))
-        sign = "<=" if kind == "less_than_equal" else "<"
+    if kind in _BOUNDS:
+        words, key, sign, suffix = _BOUNDS[kind]
+        limit = ctx.get(key)
         number = _number_kind(limit)
         return (
-            f"Invalid {where}: {number} above maximum value. "
+            f"Invalid {where}: {number} {words} value. "
             f"Expected a value {sign} {limit:g}, but got {value} instead.",
             param,
-            f"{number}_above_max_value",
-        )
-    if kind in ("greater_than_equal", "greater_than"):
-        limit = ctx.get("ge", ctx.get("gt"))
-        sign = ">=" if kind == "greater_than_equal" else ">"
-        number = _number_kind(limit)
-        return (
-            f"Invalid {where}: {number} below minimum value. "
-            f"Expected a value {sign} {limit:g}, but got {value} instead.",
-            param,
-            f"{number}_below_min_value",
+            f"{number}_{suffix}",
         )
     if kind == "too_short":
         if ctx.get("min_length") == 1 and not value:

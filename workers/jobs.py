@@ -41,35 +41,40 @@ def claim(sessions: sessionmaker[Session], job_id: str, worker: str) -> ClaimedJ
 def succeed(sessions: sessionmaker[Session], job_id: str, response: dict[str, Any]) -> bool:
     """Store the completion; False if the job had already ended (nothing is written twice)."""
     usage = response.get("usage") or {}
-    with sessions.begin() as session:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.running)
-            .values(
-                status=JobStatus.succeeded,
-                response=response,
-                prompt_tokens=usage.get("prompt_tokens"),
-                completion_tokens=usage.get("completion_tokens"),
-                total_tokens=usage.get("total_tokens"),
-                finished_at=func.now(),
-            )
-        )
-    return bool(cast(CursorResult, result).rowcount)
+    return _finish(
+        sessions,
+        job_id,
+        [JobStatus.running],
+        status=JobStatus.succeeded,
+        response=response,
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        total_tokens=usage.get("total_tokens"),
+    )
 
 
 def fail(
     sessions: sessionmaker[Session], job_id: str, status: int, envelope: dict[str, Any]
 ) -> bool:
     """Store the job's error (OpenAI's envelope) and the HTTP status it answers with."""
+    return _finish(
+        sessions,
+        job_id,
+        [JobStatus.queued, JobStatus.running],
+        status=JobStatus.failed,
+        error=envelope,
+        error_status=status,
+    )
+
+
+def _finish(
+    sessions: sessionmaker[Session], job_id: str, from_: list[JobStatus], **values: Any
+) -> bool:
+    """Move a job from one of `from_` to a final state; False if it was in none of them."""
     with sessions.begin() as session:
         result = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
-            .values(
-                status=JobStatus.failed,
-                error=envelope,
-                error_status=status,
-                finished_at=func.now(),
-            )
+            .where(Job.id == job_id, Job.status.in_(from_))
+            .values(finished_at=func.now(), **values)
         )
     return bool(cast(CursorResult, result).rowcount)
