@@ -1,36 +1,45 @@
-"""Submitting a chat completion job and waiting for its result."""
+"""Submitting a chat completion job, then waiting for its result or relaying its stream."""
 
 import asyncio
 import contextlib
+import json
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
+from typing import Any, TypeVar
 
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.context import ApiContext
+from core import capabilities
 from core.errors import (
     FerryError,
     GatewayTimeoutError,
-    InvalidRequestError,
     ModelNotFoundError,
     ServiceUnavailableError,
 )
 from core.ids import new_id
-from core.queue import CHAT_COMPLETION_TASK, queue_for
+from core.queue import CHAT_COMPLETION_TASK, queue_for, stream_key
 from core.tables import ApiKey, Job, JobStatus, ServedModel
+from core.validation import check_request
 from core.wire import ChatCompletionRequest
 
-# Without a live worker, how often a waiting request looks again before it gives up.
-_LIVENESS_SLICE = 30.0
+T = TypeVar("T")
+
+# With a live worker, how long a waiting request waits before it looks at the workers again.
+_LIVE_SLICE = 30.0
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 async def submit(session: AsyncSession, key: ApiKey, body: ChatCompletionRequest) -> Job:
-    """Persist a new job for `body`; committed before anything is enqueued."""
-    if body.stream:
-        raise InvalidRequestError("Streaming is not supported yet.", param="stream")
-    if await session.get(ServedModel, body.model) is None:
+    """Check `body` and persist a new job for it; committed before anything is enqueued."""
+    check_request(body)
+    model = await session.get(ServedModel, body.model)
+    if model is None:
         raise ModelNotFoundError(body.model)
+    capabilities.check(body, model.capabilities)
     job = Job(
         id=new_id("chatcmpl"),
         project=key.project,
@@ -60,38 +69,108 @@ async def enqueue(ctx: ApiContext, job: Job) -> None:
         ) from exc
 
 
-async def run_and_wait(ctx: ApiContext, job: Job) -> Job:
-    """Enqueue `job` and wait until it ends; the waiter wakes us, nothing polls Postgres."""
+async def _wait(ctx: ApiContext, job: Job, attempt: Callable[[float], Awaitable[T | None]]) -> T:
+    """Call `attempt(seconds)`, which waits up to that long for a result, until one comes.
+
+    503 once no live worker serves the model and the job is still queued (it stays queued);
+    504 past the synchronous timeout.
+    """
     settings = ctx.settings
     deadline = time.monotonic() + settings.sync_timeout_seconds
+    while True:
+        live = await ctx.has_live_worker(job.model)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise GatewayTimeoutError(
+                f"Request {job.id} did not finish within {settings.sync_timeout_seconds:g} s."
+            )
+        window = _LIVE_SLICE if live else settings.no_worker_wait_seconds
+        result = await attempt(min(window, remaining))
+        if result is not None:
+            return result
+        if not live and not await ctx.has_live_worker(job.model):
+            current = await _load(ctx, job.id)
+            if current.status == JobStatus.queued:
+                raise ServiceUnavailableError(
+                    f"No worker is serving model '{job.model}' right now. "
+                    f"Request {job.id} stays queued and runs when a worker starts.",
+                    code="no_live_worker",
+                )
+
+
+async def run_and_wait(ctx: ApiContext, job: Job) -> Job:
+    """Enqueue `job` and wait until it ends; the waiter wakes us, nothing polls Postgres."""
     with ctx.waiter.watch(job.id) as done:
         await enqueue(ctx, job)
-        while True:
-            live = await ctx.has_live_worker(job.model)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GatewayTimeoutError(
-                    f"Request {job.id} did not finish within {settings.sync_timeout_seconds:g} s."
-                )
-            slice_ = settings.no_worker_wait_seconds if not live else _LIVENESS_SLICE
+
+        async def ended(seconds: float) -> Job | None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), min(slice_, remaining))
-            if done.is_set():
-                done.clear()
-                current = await _load(ctx, job.id)
-                if current.status.is_final:
-                    return current
-                continue
-            if not live and not await ctx.has_live_worker(job.model):
-                current = await _load(ctx, job.id)
-                if current.status.is_final:
-                    return current
-                if current.status == JobStatus.queued:
-                    raise ServiceUnavailableError(
-                        f"No worker is serving model '{job.model}' right now. "
-                        f"Request {job.id} stays queued and runs when a worker starts.",
-                        code="no_live_worker",
-                    )
+                await asyncio.wait_for(done.wait(), seconds)
+            if not done.is_set():
+                return None
+            done.clear()
+            current = await _load(ctx, job.id)
+            return current if current.status.is_final else None
+
+        return await _wait(ctx, job, ended)
+
+
+async def run_and_stream(ctx: ApiContext, job: Job) -> AsyncIterator[bytes]:
+    """Enqueue a streamed job; once its first entry arrives, its Server-Sent Events.
+
+    Errors before the first chunk (a bad prompt, no worker) raise here, so they are answered
+    with their own status rather than inside a 200 stream.
+    """
+    key = stream_key(job.id)
+    await enqueue(ctx, job)
+
+    async def first(seconds: float) -> Entries | None:
+        return await _read(ctx, key, b"0", seconds) or None
+
+    entries = await _wait(ctx, job, first)
+    _, fields = entries[0]
+    if b"error" in fields:
+        raise _stream_error(fields)
+    return _events(ctx, job, key, entries)
+
+
+async def _events(ctx: ApiContext, job: Job, key: str, entries: Entries) -> AsyncIterator[bytes]:
+    last = b"0"
+    deadline = time.monotonic() + ctx.settings.sync_timeout_seconds
+    while True:
+        for entry_id, fields in entries:
+            last = entry_id
+            if b"chunk" in fields:
+                yield b"data: " + fields[b"chunk"] + b"\n\n"
+            elif b"done" in fields:
+                yield b"data: [DONE]\n\n"
+                return
+            else:
+                # The SDK raises on an event that carries an error.
+                yield b"data: " + fields[b"error"] + b"\n\n"
+                return
+        if time.monotonic() >= deadline:
+            error = GatewayTimeoutError(f"Request {job.id} stopped streaming.")
+            yield b"data: " + json.dumps(error.envelope()).encode() + b"\n\n"
+            return
+        entries = await _read(ctx, key, last, _LIVE_SLICE)
+
+
+async def _read(ctx: ApiContext, key: str, after: bytes, seconds: float) -> Entries:
+    """Entries of `key` after `after`, waiting up to `seconds` for one to come."""
+    found: Any = await ctx.redis.xread({key: after}, count=256, block=max(1, int(seconds * 1000)))
+    return found[0][1] if found else []
+
+
+def _stream_error(fields: dict[bytes, Any]) -> FerryError:
+    error = json.loads(fields[b"error"])["error"]
+    return FerryError(
+        error["message"],
+        status_code=int(fields.get(b"status", 500)),
+        type=error["type"],
+        param=error.get("param"),
+        code=error.get("code"),
+    )
 
 
 async def _load(ctx: ApiContext, job_id: str) -> Job:

@@ -48,6 +48,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
             "cpu_kv_cache_gib": args.kv_cache_gib,
             "enforce_eager": args.enforce_eager or None,
             "engine_args": args.engine_args,
+            "chat_template": args.chat_template,
+            "tool_call_parser": args.tool_call_parser,
+            "capabilities": args.capabilities,
         }.items()
         if value is not None
     }
@@ -158,7 +161,14 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpu-memory-utilization", type=float, help="GPU memory share, 0..1")
     worker.add_argument("--kv-cache-gib", type=int, help="KV cache in GiB (CPU builds)")
     worker.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs/compile")
+    worker.add_argument("--chat-template", help="chat template file (default: the model's)")
+    worker.add_argument("--tool-call-parser", help="vLLM tool parser for tool_choice auto")
     worker.add_argument("--engine-args", help="more vLLM engine arguments, as one string")
+    worker.add_argument(
+        "--capabilities",
+        help="optional features the model supports, comma-separated: "
+        "reasoning, audio, verbosity, web_search, moderation",
+    )
     worker.add_argument("--log-level", default="INFO")
     worker.set_defaults(func=cmd_worker)
 

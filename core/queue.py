@@ -14,6 +14,9 @@ from core.settings import CoreSettings
 CHAT_COMPLETION_TASK = "ferry.chat_completion"
 # Workers publish a job id here when its job reaches a final state.
 JOB_DONE_CHANNEL = "ferry:jobs:done"
+# A streamed job's chunks: entries {"chunk": JSON} ..., then {"done": "1"} or
+# {"error": envelope JSON, "status": HTTP status}. Kept this long after the job ends.
+STREAM_TTL_SECONDS = 3600
 # Hash: worker id -> WorkerBeat JSON. A beat older than the TTL means the worker is gone.
 WORKERS_KEY = "ferry:workers"
 
@@ -21,6 +24,11 @@ WORKERS_KEY = "ferry:workers"
 def queue_for(model: str) -> str:
     """The Celery queue a model's jobs go to; every worker serving the model consumes it."""
     return f"ferry.model.{model}"
+
+
+def stream_key(job_id: str) -> str:
+    """The Redis stream a streamed job's chunks travel through, from the worker to the API."""
+    return f"ferry:stream:{job_id}"
 
 
 def make_celery(settings: CoreSettings, name: str = "ferry") -> Celery:

@@ -2,9 +2,10 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -60,8 +61,32 @@ class WorkerSettings(CoreSettings):
     cpu_kv_cache_gib: int = Field(default=2, ge=1)
     enforce_eager: bool = False
     heartbeat_seconds: float = Field(default=5.0, gt=0)
+    # A chat template file; empty means the model's own (the default model: Ferry's, with tools).
+    chat_template: str = ""
+    # vLLM's tool-call parser for tool_choice "auto" (e.g. hermes, xlam); empty means none
+    # (the default model: xlam).
+    tool_call_parser: str = ""
     # Extra engine arguments, as on vLLM's command line, e.g. "--seed 1 --swap-space 4".
     engine_args: str = ""
+    # Optional request features the model supports (core.capabilities.KNOWN), e.g. ["reasoning"].
+    capabilities: Annotated[list[str], NoDecode] = []
+
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _split_capabilities(cls, value: object) -> object:
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("capabilities")
+    @classmethod
+    def _known_capabilities(cls, value: list[str]) -> list[str]:
+        from core.capabilities import KNOWN
+
+        unknown = set(value) - KNOWN
+        if unknown:
+            raise ValueError(f"unknown capabilities {sorted(unknown)}; known: {sorted(KNOWN)}")
+        return value
 
 
 @lru_cache

@@ -73,6 +73,10 @@ class ServedModel(Base):
     __tablename__ = "served_models"
 
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # Optional request features the serving workers' model supports (see core.capabilities).
+    capabilities: Mapped[list[str]] = mapped_column(Json, default=list, server_default="[]")
+    # Changes when the model's files or the engine change (the response's system_fingerprint).
+    system_fingerprint: Mapped[str | None] = mapped_column(String(64))
     first_served_at: Mapped[datetime] = _now_column()
     last_served_at: Mapped[datetime] = _now_column()
 

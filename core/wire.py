@@ -6,7 +6,7 @@ Reference: OpenAI's OpenAPI document, `docs/openai-openapi.yaml` (`CreateChatCom
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -76,6 +76,15 @@ class ChatCompletionRequest(_Strict):
     functions: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=128)] | None = None
 
 
+# Engines send null where OpenAI's schema has an empty list or object.
+def _empty_list_if_none(value: Any) -> Any:
+    return [] if value is None else value
+
+
+def _empty_object_if_none(value: Any) -> Any:
+    return {} if value is None else value
+
+
 class FunctionCall(_Lenient):
     name: str
     arguments: str
@@ -93,8 +102,11 @@ class ResponseMessage(_Lenient):
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
+    annotations: list[dict[str, Any]] = []
     role: Literal["assistant"] = "assistant"
     function_call: FunctionCall | None = None
+
+    _no_null_annotations = field_validator("annotations", mode="before")(_empty_list_if_none)
 
 
 class TokenLogprob(_Lenient):
@@ -112,17 +124,38 @@ class ChoiceLogprobs(_Lenient):
     refusal: list[TokenLogprobWithTop] | None = None
 
 
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+
+
 class Choice(_Lenient):
-    finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+    finish_reason: FinishReason
     index: int
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
+
+
+class PromptTokensDetails(_Lenient):
+    audio_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class CompletionTokensDetails(_Lenient):
+    accepted_prediction_tokens: int = 0
+    audio_tokens: int = 0
+    reasoning_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 class CompletionUsage(_Lenient):
     completion_tokens: int = 0
     prompt_tokens: int = 0
     total_tokens: int = 0
+    completion_tokens_details: CompletionTokensDetails = CompletionTokensDetails()
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+
+    _no_null_details = field_validator(
+        "completion_tokens_details", "prompt_tokens_details", mode="before"
+    )(_empty_object_if_none)
 
 
 class ChatCompletion(_Lenient):
@@ -136,6 +169,48 @@ class ChatCompletion(_Lenient):
     service_tier: str | None = None
     system_fingerprint: str | None = None
     object: Literal["chat.completion"] = "chat.completion"
+    usage: CompletionUsage | None = None
+
+
+class FunctionCallDelta(_Lenient):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Lenient):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
+class ChunkDelta(_Lenient):
+    """`ChatCompletionStreamResponseDelta`."""
+
+    content: str | None = None
+    function_call: FunctionCallDelta | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    role: Literal["developer", "system", "user", "assistant", "tool"] | None = None
+    refusal: str | None = None
+
+
+class ChunkChoice(_Lenient):
+    delta: ChunkDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    index: int
+
+
+class ChatCompletionChunk(_Lenient):
+    """`CreateChatCompletionStreamResponse`."""
+
+    id: str
+    choices: list[ChunkChoice]
+    created: int
+    model: str
+    service_tier: str | None = None
+    system_fingerprint: str | None = None
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     usage: CompletionUsage | None = None
 
 

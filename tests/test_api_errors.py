@@ -110,10 +110,6 @@ def test_unknown_url(http: httpx.Client) -> None:
     assert_envelope(http.get("/v1/no-such-thing"), 404, code="unknown_url")
 
 
-def test_streaming_is_refused_clearly(http: httpx.Client) -> None:
-    assert_envelope(http.post(URL, json={**GOOD, "stream": True}), 400, "stream")
-
-
 def test_known_model_without_live_worker_answers_503_and_keeps_the_job(
     stack: Stack, http: httpx.Client, db: Engine
 ) -> None:

@@ -8,11 +8,12 @@ flight is a request inside the engine, which batches them all.
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shlex
 import threading
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from core.errors import FerryError, InvalidRequestError
@@ -21,25 +22,6 @@ from core.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Fields of OpenAI's request that Ferry handles itself and vLLM's request model does not take.
-FERRY_ONLY_FIELDS = frozenset(
-    {
-        "metadata",
-        "store",
-        "service_tier",
-        "prediction",
-        "safety_identifier",
-        "prompt_cache_key",
-        "prompt_cache_retention",
-        "prompt_cache_options",
-        "moderation",
-        "verbosity",
-        "web_search_options",
-        "modalities",
-        "audio",
-    }
-)
 
 
 class EngineDead(Exception):
@@ -64,9 +46,17 @@ def engine_argv(settings: WorkerSettings, model_path: str) -> list[str]:
         "--gpu-memory-utilization",
         str(settings.gpu_memory_utilization),
         "--disable-log-stats",
+        # usage.prompt_tokens_details.cached_tokens, from the prefix cache.
+        "--enable-prompt-tokens-details",
+        # tool_choice "none" means the model never sees the tools, as at OpenAI.
+        "--exclude-tools-when-tool-choice-none",
     ]
     if settings.enforce_eager:
         argv.append("--enforce-eager")
+    if settings.chat_template:
+        argv += ["--chat-template", settings.chat_template]
+    if settings.tool_call_parser:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser]
     return argv + shlex.split(settings.engine_args)
 
 
@@ -110,38 +100,67 @@ class EngineHost:
         await init_app_state(self._engine, state, args, await self._engine.get_supported_tasks())
         self._chat = state.openai_serving_chat
 
-    def chat_completion(self, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Run one OpenAI chat request to completion; blocks the calling thread, not the engine."""
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the engine's loop; blocks the calling (task) thread, not the engine."""
         if self.dead.is_set():
+            coro.close()
             raise EngineDead("the engine has stopped")
-        return self._call(self._chat_completion(request_id, body))
+        return self._call(coro)
 
-    async def _chat_completion(self, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """One chat completion, as vLLM's response dict (on the engine loop)."""
+        async with self._translated_errors():
+            result = await self._create(request_id, fields)
+            return result.model_dump(mode="json")
+
+    async def stream(
+        self, request_id: str, fields: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One streamed chat completion: vLLM's chunk dicts as they come (on the engine loop)."""
+        async with self._translated_errors():
+            result = await self._create(request_id, fields)
+            async for event in result:
+                for line in event.splitlines():
+                    if not line.startswith("data: "):
+                        continue
+                    payload = line[len("data: ") :]
+                    if payload == "[DONE]":
+                        return
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        error = chunk["error"]
+                        raise engine_error(error.get("message", ""), int(error.get("code") or 500))
+                    yield chunk
+
+    async def _create(self, request_id: str, fields: dict[str, Any]) -> Any:
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.exceptions import VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError
 
-        fields = {k: v for k, v in body.items() if k not in FERRY_ONLY_FIELDS}
-        fields.update(stream=False, request_id=request_id)
         try:
-            request = ChatCompletionRequest.model_validate(fields)
+            request = ChatCompletionRequest.model_validate({**fields, "request_id": request_id})
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
             raise InvalidRequestError(first["msg"], param=param) from exc
+        result = await self._chat.create_chat_completion(request)
+        if isinstance(result, ErrorResponse):
+            raise engine_error(result.error.message, result.error.code)
+        return result
+
+    @contextlib.asynccontextmanager
+    async def _translated_errors(self) -> AsyncIterator[None]:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         try:
-            result = await self._chat.create_chat_completion(request)
+            yield
         except EngineDeadError as exc:
             self.dead.set()
             raise EngineDead(str(exc)) from exc
         except VLLMClientError as exc:
             # The message without vLLM's "(parameter=..., value=...)" suffix.
             raise engine_error(str(exc.args[0]) if exc.args else str(exc), 400) from exc
-        if isinstance(result, ErrorResponse):
-            raise engine_error(result.error.message, result.error.code)
-        return result.model_dump(mode="json")
 
     def abort(self, request_id: str) -> None:
         """Stop a request inside the engine."""

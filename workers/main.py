@@ -1,13 +1,16 @@
 """A worker process: load the engine once, announce the model, then consume its queue."""
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import redis
+import redis.asyncio as aioredis
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
 
@@ -16,29 +19,60 @@ from core.queue import WORKERS_KEY, WorkerBeat, queue_for
 from core.settings import DEFAULT_MODEL, WorkerSettings
 from core.tables import ServedModel
 from workers import tasks
-from workers.engine import EngineHost
-from workers.model_prep import prepare_default_model
+from workers.engine import EngineHost, engine_argv
+from workers.model_prep import default_model_dir, prepare_default_model
 
 log = logging.getLogger(__name__)
 
 
-def resolve_model_path(settings: WorkerSettings) -> str:
-    """The folder to load: the given path, or the prepared default model."""
-    if settings.model_path:
-        return settings.model_path
-    if settings.model != DEFAULT_MODEL:
-        raise SystemExit(f"--model-path is required to serve {settings.model!r}")
-    return str(prepare_default_model(settings.cache_dir))
+# The default model's own template renders no tools; Ferry ships one in the format SmolLM2 was
+# trained on, whose answers vLLM's xlam parser reads.
+DEFAULT_MODEL_TEMPLATE = Path(__file__).parent / "templates" / "smollm2-tools.jinja"
+DEFAULT_MODEL_TOOL_PARSER = "xlam"
 
 
-def announce_model(sessions, model: str) -> None:
+def resolve_model(settings: WorkerSettings) -> tuple[WorkerSettings, str]:
+    """The settings completed for the model, and the folder to load."""
+    path = settings.model_path
+    if not path:
+        if settings.model != DEFAULT_MODEL:
+            raise SystemExit(f"--model-path is required to serve {settings.model!r}")
+        path = str(prepare_default_model(settings.cache_dir))
+    if Path(path).resolve() == default_model_dir(settings.cache_dir).resolve():
+        settings = settings.model_copy(
+            update={
+                "chat_template": settings.chat_template or str(DEFAULT_MODEL_TEMPLATE),
+                "tool_call_parser": settings.tool_call_parser or DEFAULT_MODEL_TOOL_PARSER,
+            }
+        )
+    return settings, path
+
+
+def system_fingerprint(settings: WorkerSettings, model_path: str) -> str:
+    """Names the model's files and the engine's settings: it changes when either does."""
+    import vllm
+
+    digest = hashlib.sha256()
+    digest.update(f"vllm {vllm.__version__}\n".encode())
+    digest.update(" ".join(engine_argv(settings, model_path)[2:]).encode())
+    folder = Path(model_path)
+    for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+        if path.suffix in (".json", ".jinja", ".txt", ".model"):
+            digest.update(path.name.encode() + path.read_bytes())
+        elif path.is_file():
+            digest.update(f"{path.name} {path.stat().st_size}".encode())
+    return "fp_" + digest.hexdigest()[:10]
+
+
+def announce_model(sessions, settings: WorkerSettings, fingerprint: str) -> None:
     """Record that this model is served: requests for it are accepted from now on."""
+    values = {"capabilities": settings.capabilities, "system_fingerprint": fingerprint}
     with sessions.begin() as session:
         session.execute(
             insert(ServedModel)
-            .values(name=model)
+            .values(name=settings.model, **values)
             .on_conflict_do_update(
-                index_elements=[ServedModel.name], set_={"last_served_at": func.now()}
+                index_elements=[ServedModel.name], set_={"last_served_at": func.now(), **values}
             )
         )
 
@@ -68,7 +102,7 @@ class Heartbeat(threading.Thread):
 
 def run(settings: WorkerSettings, loglevel: str = "INFO") -> None:
     """Start the engine, then serve the model's queue in the foreground until stopped."""
-    model_path = resolve_model_path(settings)
+    settings, model_path = resolve_model(settings)
     hostname = socket.gethostname()
     worker_id = f"{settings.model}@{hostname}-{os.getpid()}"
     log.info("worker %s: loading %s from %s", worker_id, settings.model, model_path)
@@ -78,14 +112,17 @@ def run(settings: WorkerSettings, loglevel: str = "INFO") -> None:
     db = sync_engine(settings.database_url, pool_size=8)
     sessions = sync_sessions(db)
     client = redis.Redis.from_url(settings.redis_url)
-    announce_model(sessions, settings.model)
+    fingerprint = system_fingerprint(settings, model_path)
+    announce_model(sessions, settings, fingerprint)
     tasks.install(
         tasks.Runtime(
             worker_id=worker_id,
             model=settings.model,
+            system_fingerprint=fingerprint,
             engine=engine,
             sessions=sessions,
             redis=client,
+            stream_redis=aioredis.Redis.from_url(settings.redis_url),
         )
     )
     now = time.time()

@@ -1,18 +1,20 @@
 """Celery tasks: thin, by id, idempotent. The engine host does the work."""
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import EngineError, FerryError
-from core.queue import CHAT_COMPLETION_TASK, JOB_DONE_CHANNEL, make_celery
+from core.queue import CHAT_COMPLETION_TASK, JOB_DONE_CHANNEL, STREAM_TTL_SECONDS, make_celery
+from core.queue import stream_key as job_stream_key
 from core.settings import WorkerSettings
-from core.wire import ChatCompletion
-from workers import jobs
+from workers import jobs, shaping
 from workers.engine import EngineDead, EngineHost, kill_engine_processes
 
 log = logging.getLogger(__name__)
@@ -26,9 +28,12 @@ class Runtime:
 
     worker_id: str
     model: str
+    system_fingerprint: str
     engine: EngineHost
     sessions: sessionmaker[Session]
     redis: redis.Redis
+    # Used only on the engine's loop: stream chunks are written from there.
+    stream_redis: aioredis.Redis
 
 
 _runtime: Runtime | None = None
@@ -39,15 +44,36 @@ def install(runtime: Runtime) -> None:
     _runtime = runtime
 
 
-def completion_body(claimed: jobs.ClaimedJob, raw: dict[str, Any]) -> dict[str, Any]:
-    """vLLM's response in OpenAI's shape, under the job's id, model and creation time."""
-    completion = ChatCompletion.model_validate(raw)
-    completion.id = claimed.id
-    completion.model = claimed.model
-    completion.created = claimed.created
-    completion.metadata = claimed.metadata
-    completion.service_tier = claimed.request.get("service_tier") or "default"
-    return completion.model_dump(mode="json")
+async def relay_stream(
+    rt: Runtime, job_id: str, fields: dict[str, Any], answering: shaping.Answering
+) -> dict[str, Any]:
+    """Stream a job's chunks into its Redis stream as they come; the whole completion at the end."""
+    key = job_stream_key(job_id)
+    assembler = shaping.StreamAssembler(answering)
+    markup = shaping.ToolMarkupFilter() if fields.get("tools") else None
+    try:
+        async for raw in rt.engine.stream(job_id, fields):
+            if markup is not None:
+                markup(raw)
+            assembler.add(raw)
+            shaped = shaping.chunk(raw, answering)
+            if shaped is not None:
+                await rt.stream_redis.xadd(key, {"chunk": json.dumps(shaped)})
+    except BaseException as exc:
+        error = exc if isinstance(exc, FerryError) else EngineError(f"The engine failed: {exc}")
+        await _end_stream(
+            rt, key, {"error": json.dumps(error.envelope()), "status": error.status_code}
+        )
+        raise
+    await _end_stream(rt, key, {"done": "1"})
+    return assembler.completion()
+
+
+async def _end_stream(rt: Runtime, key: str, entry: dict[Any, Any]) -> None:
+    async with rt.stream_redis.pipeline(transaction=False) as pipe:
+        pipe.xadd(key, entry)
+        pipe.expire(key, STREAM_TTL_SECONDS)
+        await pipe.execute()
 
 
 @app.task(name=CHAT_COMPLETION_TASK)
@@ -59,9 +85,24 @@ def chat_completion(job_id: str) -> None:
     if claimed is None:
         log.info("job %s has already ended; skipping", job_id)
         return
+    body = claimed.request
+    stream = bool(body.get("stream"))
+    answering = shaping.Answering.for_request(
+        body,
+        id=claimed.id,
+        model=claimed.model,
+        created=claimed.created,
+        system_fingerprint=rt.system_fingerprint,
+        metadata=claimed.metadata,
+    )
+    fields = shaping.engine_fields(body, stream)
     try:
-        raw = rt.engine.chat_completion(job_id, claimed.request)
-        jobs.succeed(rt.sessions, job_id, completion_body(claimed, raw))
+        if stream:
+            response = rt.engine.run(relay_stream(rt, job_id, fields, answering))
+        else:
+            raw = rt.engine.run(rt.engine.complete(job_id, fields))
+            response = shaping.completion(raw, answering)
+        jobs.succeed(rt.sessions, job_id, response)
     except EngineDead as exc:
         log.critical("engine dead while running job %s: %s; exiting", job_id, exc)
         error = EngineError(f"The engine stopped while running this request: {exc}")
