@@ -60,5 +60,6 @@ lint: install ## format check, lint, types, import contracts
 check: lint test ## lint, then the whole suite
 
 .PHONY: bench
-bench: setup ## concurrency bench: 32 requests at once against one at a time
+bench: setup ## benches: batching in one worker; time to first streamed token
 	$(PY) -m bench.concurrency
+	$(PY) -m bench.streaming

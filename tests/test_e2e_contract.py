@@ -410,3 +410,35 @@ def test_a_tool_result_turn_is_answered(client: openai.OpenAI) -> None:
     ]
     body = create(client, messages=history, tools=[WEATHER], temperature=0, max_tokens=40)
     assert body["choices"][0]["message"]["content"]
+
+
+def test_client_that_disconnects_loses_no_stored_result(live_worker, api_key, db: Engine) -> None:
+    import httpx
+
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
+        "max_tokens": 120,
+        "temperature": 0,
+        "stream": True,
+        "store": True,
+    }
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.stream(
+        "POST", f"{live_worker.base_url}/v1/chat/completions", json=body, headers=headers
+    ) as response:
+        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+    job_id = json.loads(first[len("data: ") :])["id"]
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with db.connect() as conn:
+            row = conn.execute(
+                text("SELECT status, response FROM jobs WHERE id = :id"), {"id": job_id}
+            ).one()
+        if row.status == "succeeded":
+            break
+        time.sleep(0.5)
+    assert row.status == "succeeded"
+    assert row.response["usage"]["completion_tokens"] == 120
+    assert len(row.response["choices"][0]["message"]["content"]) > 100
