@@ -11,6 +11,7 @@ from sqlalchemy import Engine, text
 from bench.stack import Stack
 from core.queue import queue_for
 from tests.conftest import MODEL
+from tests.openai_schema import validate
 
 URL = "/v1/chat/completions"
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -19,6 +20,7 @@ GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 def assert_envelope(response: httpx.Response, status: int, param=None, code=None) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
+    validate("ErrorResponse", body)
     assert set(body) == {"error"}
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}
