@@ -60,6 +60,7 @@ lint: install ## format check, lint, types, import contracts
 check: lint test ## lint, then the whole suite
 
 .PHONY: bench
-bench: setup ## benches: batching in one worker; time to first streamed token
+bench: setup ## benches: batching, time to first streamed token, stored-list latency
 	$(PY) -m bench.concurrency
 	$(PY) -m bench.streaming
+	$(PY) -m bench.stored_list

@@ -1,5 +1,6 @@
 """The FastAPI application: the lifespan owns the pools; routes stay thin."""
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -7,6 +8,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+from api import stored
 from api.auth import BearerAuth
 from api.context import ApiContext
 from api.errors import install_error_handlers
@@ -17,6 +19,16 @@ from core.queue import make_celery
 from core.settings import ApiSettings, api_settings
 
 log = logging.getLogger(__name__)
+
+
+async def _purge_now_and_then(ctx: ApiContext, every: float = 600) -> None:
+    """Purge `store: false` content kept for retries once their window is over."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await stored.purge_idempotent(ctx)
+        except Exception as exc:
+            log.warning("purge failed: %s", exc)
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -37,9 +49,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             celery=make_celery(settings, "ferry-api"),
             waiter=waiter,
         )
+        purger = asyncio.create_task(_purge_now_and_then(app.state.ctx))
         try:
             yield
         finally:
+            purger.cancel()
             await waiter.stop()
             await redis.aclose()
             await engine.dispose()

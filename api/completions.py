@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -9,11 +10,15 @@ from functools import partial
 from typing import Any, TypeVar
 
 import anyio
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api import stored
 from api.context import ApiContext
 from core import capabilities
 from core.errors import (
+    ConflictError,
     FerryError,
     GatewayTimeoutError,
     ModelNotFoundError,
@@ -33,27 +38,67 @@ _LIVE_SLICE = 30.0
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
-async def submit(session: AsyncSession, key: ApiKey, body: ChatCompletionRequest) -> Job:
-    """Check `body` and persist a new job for it; committed before anything is enqueued."""
+async def submit(
+    session: AsyncSession,
+    key: ApiKey,
+    body: ChatCompletionRequest,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Check `body` and persist a new job for it, committed before anything is enqueued.
+
+    With an idempotency key already used by this API key: the first job, and True (409 if the
+    body differs).
+    """
     check_request(body)
     model = await session.get(ServedModel, body.model)
     if model is None:
         raise ModelNotFoundError(body.model)
     capabilities.check(body, model.capabilities)
+    request = body.model_dump(mode="json", exclude_unset=True)
+    digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    if idempotency_key is not None:
+        first = await _first_attempt(session, key, idempotency_key, digest)
+        if first is not None:
+            return first, True
     job = Job(
         id=new_id("chatcmpl"),
         project=key.project,
         api_key_id=key.id,
         model=body.model,
         status=JobStatus.queued,
-        request=body.model_dump(mode="json", exclude_unset=True),
+        request=request,
         store=bool(body.store),
         metadata_=body.metadata,
         created=int(time.time()),
+        idempotency_key=idempotency_key,
+        request_hash=digest if idempotency_key is not None else None,
     )
     session.add(job)
-    await session.commit()
-    return job
+    try:
+        await session.commit()
+    except IntegrityError:
+        # A concurrent retry with the same key won the insert.
+        await session.rollback()
+        assert idempotency_key is not None
+        first = await _first_attempt(session, key, idempotency_key, digest)
+        if first is None:
+            raise
+        return first, True
+    return job, False
+
+
+async def _first_attempt(
+    session: AsyncSession, key: ApiKey, idempotency_key: str, digest: str
+) -> Job | None:
+    first = await session.scalar(
+        select(Job).where(Job.api_key_id == key.id, Job.idempotency_key == idempotency_key)
+    )
+    if first is not None and first.request_hash != digest:
+        raise ConflictError(
+            f"The Idempotency-Key '{idempotency_key}' was already used with another request body.",
+            code="idempotency_key_reused",
+        )
+    return first
 
 
 async def enqueue(ctx: ApiContext, job: Job) -> None:
@@ -100,8 +145,16 @@ async def _wait(ctx: ApiContext, job: Job, attempt: Callable[[float], Awaitable[
 
 async def run_and_wait(ctx: ApiContext, job: Job) -> Job:
     """Enqueue `job` and wait until it ends; the waiter wakes us, nothing polls Postgres."""
+    return await wait(ctx, job, enqueue_first=True)
+
+
+async def wait(ctx: ApiContext, job: Job, enqueue_first: bool = False) -> Job:
+    """Wait until `job` ends (enqueueing it first if asked)."""
+    if job.status.is_final:
+        return job
     with ctx.waiter.watch(job.id) as done:
-        await enqueue(ctx, job)
+        if enqueue_first:
+            await enqueue(ctx, job)
 
         async def ended(seconds: float) -> Job | None:
             with contextlib.suppress(TimeoutError):
@@ -135,6 +188,30 @@ async def run_and_stream(ctx: ApiContext, job: Job) -> AsyncIterator[bytes]:
 
 
 async def _events(ctx: ApiContext, job: Job, key: str, entries: Entries) -> AsyncIterator[bytes]:
+    try:
+        async for event in _relay(ctx, job, key, entries):
+            yield event
+    finally:
+        # Finished, or the client has gone: either way the stream is delivered.
+        _in_background(_delivered_stream(ctx, job.id, key))
+
+
+async def _delivered_stream(ctx: ApiContext, job_id: str, key: str) -> None:
+    await stored.mark_delivered(ctx, job_id)
+    await ctx.redis.delete(key)
+
+
+_background: set[asyncio.Task] = set()
+
+
+def _in_background(coro: Awaitable[None]) -> None:
+    """Run `coro` to its end even if the request that started it is cancelled."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def _relay(ctx: ApiContext, job: Job, key: str, entries: Entries) -> AsyncIterator[bytes]:
     last = b"0"
     deadline = time.monotonic() + ctx.settings.sync_timeout_seconds
     while True:

@@ -70,6 +70,12 @@ class Stack:
     def reset(self) -> None:
         """A fresh database migrated to head, and an empty Redis database."""
         import redis
+
+        self.drop_database()
+        redis.Redis.from_url(self.redis_url).flushdb()
+        self.ferry("db", "upgrade")
+
+    def drop_database(self) -> None:
         from sqlalchemy import create_engine, text
         from sqlalchemy.pool import NullPool
 
@@ -81,8 +87,6 @@ class Stack:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
         admin.dispose()
-        redis.Redis.from_url(self.redis_url).flushdb()
-        self.ferry("db", "upgrade")
 
     def create_key(self, name: str = "test", project: str = "default") -> str:
         return self.ferry("keys", "create", name, "--project", project).strip().splitlines()[-1]

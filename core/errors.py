@@ -85,6 +85,23 @@ class GatewayTimeoutError(FerryError):
     code = "timeout"
 
 
+class ConflictError(FerryError):
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class CancelledError(FerryError):
+    """The job was cancelled through the API."""
+
+    status_code = 409
+    type = "invalid_request_error"
+    code = "cancelled"
+
+    def __init__(self, message: str = "The request was cancelled.") -> None:
+        super().__init__(message)
+
+
 class EngineError(FerryError):
     """The engine failed on a job."""
 

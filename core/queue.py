@@ -14,9 +14,11 @@ from core.settings import CoreSettings
 CHAT_COMPLETION_TASK = "ferry.chat_completion"
 # Workers publish a job id here when its job reaches a final state.
 JOB_DONE_CHANNEL = "ferry:jobs:done"
+# The API publishes a job id here to cancel it; the worker running it aborts it in the engine.
+JOB_CANCEL_CHANNEL = "ferry:jobs:cancel"
 # A streamed job's chunks: entries {"chunk": JSON} ..., then {"done": "1"} or
 # {"error": envelope JSON, "status": HTTP status}. Kept this long after the job ends.
-STREAM_TTL_SECONDS = 3600
+STREAM_TTL_SECONDS = 600
 # Hash: worker id -> WorkerBeat JSON. A beat older than the TTL means the worker is gone.
 WORKERS_KEY = "ferry:workers"
 

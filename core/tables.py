@@ -16,6 +16,7 @@ from sqlalchemy import (
     MetaData,
     String,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -106,13 +107,51 @@ class Job(Base):
     total_tokens: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
+    # A client's Idempotency-Key and the hash of the body it came with (scoped to the API key).
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = _now_column()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the result reached its client; a `store: false` job's content is purged from then on.
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A stored completion deleted through the API: its content is purged, its accounting stays.
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Unix seconds of `created_at`, as the completion's `created` field.
     created: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (
         Index("ix_jobs_model_status", "model", "status"),
         Index("ix_jobs_project_created_at", "project", "created_at"),
+        # The stored-completions list: by project, optionally by model, in creation order.
+        Index(
+            "ix_jobs_stored_project_created",
+            "project",
+            "created_at",
+            "id",
+            postgresql_where=text("store AND deleted_at IS NULL AND status = 'succeeded'"),
+        ),
+        Index(
+            "ix_jobs_stored_project_model_created",
+            "project",
+            "model",
+            "created_at",
+            "id",
+            postgresql_where=text("store AND deleted_at IS NULL AND status = 'succeeded'"),
+        ),
+        # Metadata filters (`metadata @> {...}`).
+        Index(
+            "ix_jobs_metadata",
+            "metadata",
+            postgresql_using="gin",
+            postgresql_ops={"metadata": "jsonb_path_ops"},
+            postgresql_where=text("store AND deleted_at IS NULL"),
+        ),
+        Index(
+            "uq_jobs_api_key_idempotency_key",
+            "api_key_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
     )

@@ -36,7 +36,7 @@ def _invalid(message: str, param: str, code: str | None = "invalid_value") -> In
 def check_request(body: ChatCompletionRequest) -> None:
     """Raise InvalidRequestError for the first rule `body` breaks."""
     _check_messages(body.messages)
-    _check_metadata(body.metadata)
+    check_metadata(body.metadata)
     _check_logit_bias(body.logit_bias)
     if body.top_logprobs is not None and not body.logprobs:
         raise _invalid(
@@ -155,7 +155,7 @@ def _check_content(message: ChatMessage, where: str) -> None:
             )
 
 
-def _check_metadata(metadata: dict[str, str] | None) -> None:
+def check_metadata(metadata: dict[str, str] | None) -> None:
     if metadata is None:
         return
     if len(metadata) > MAX_METADATA_PAIRS:

@@ -21,7 +21,7 @@ def job_row(db: Engine, job_id: str) -> dict:
 
 def test_capital_of_france(client: openai.OpenAI, db: Engine) -> None:
     # No temperature: the default model's own sampling defaults (greedy) apply.
-    completion = client.chat.completions.create(model=MODEL, messages=FRANCE)
+    completion = client.chat.completions.create(model=MODEL, messages=FRANCE, store=True)
 
     assert completion.id.startswith("chatcmpl-")
     assert completion.object == "chat.completion"

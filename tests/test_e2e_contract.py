@@ -76,7 +76,7 @@ def test_prefix_cache_reports_cached_tokens(client: openai.OpenAI) -> None:
 
 
 def test_user_is_stored(client: openai.OpenAI, db: Engine) -> None:
-    body = create(client, messages=FRANCE, max_tokens=2, user="user-42")
+    body = create(client, messages=FRANCE, max_tokens=2, user="user-42", store=True)
     with db.connect() as conn:
         request = conn.execute(
             text("SELECT request FROM jobs WHERE id = :id"), {"id": body["id"]}
@@ -223,7 +223,7 @@ def test_prediction_is_accepted_and_reported_as_zero(client: openai.OpenAI) -> N
 
 
 def test_stream_in_openai_chunk_format(client: openai.OpenAI, db: Engine) -> None:
-    chunks = stream(client, messages=FRANCE, stream_options={"include_usage": True})
+    chunks = stream(client, messages=FRANCE, stream_options={"include_usage": True}, store=True)
     ids = {chunk["id"] for chunk in chunks}
     assert len(ids) == 1
     assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)

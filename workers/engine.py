@@ -7,6 +7,7 @@ flight is a request inside the engine, which batches them all.
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -100,12 +101,16 @@ class EngineHost:
         await init_app_state(self._engine, state, args, await self._engine.get_supported_tasks())
         self._chat = state.openai_serving_chat
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the engine's loop; blocks the calling (task) thread, not the engine."""
+    def submit(self, coro: Coroutine[Any, Any, T]) -> "concurrent.futures.Future[T]":
+        """Start `coro` on the engine's loop; cancelling the future aborts it in the engine."""
         if self.dead.is_set():
             coro.close()
             raise EngineDead("the engine has stopped")
-        return self._call(coro)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the engine's loop; blocks the calling (task) thread, not the engine."""
+        return self.submit(coro).result()
 
     async def complete(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         """One chat completion, as vLLM's response dict (on the engine loop)."""

@@ -3,7 +3,8 @@
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, update
+from sqlalchemy import CursorResult, and_, bindparam, case, func, null, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.tables import Job, JobStatus
@@ -70,11 +71,23 @@ def fail(
 def _finish(
     sessions: sessionmaker[Session], job_id: str, from_: list[JobStatus], **values: Any
 ) -> bool:
-    """Move a job from one of `from_` to a final state; False if it was in none of them."""
+    """Move a job from one of `from_` to a final state; False if it was in none of them.
+
+    A `store: false` job whose client has already gone (its stream was cut) keeps no content.
+    """
+    purged = and_(~Job.store, Job.delivered_at.is_not(None), Job.idempotency_key.is_(None))
+    if "response" in values:
+        values["response"] = case(
+            (purged, null()), else_=bindparam("response", values["response"], type_=JSONB)
+        )
     with sessions.begin() as session:
         result = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status.in_(from_))
-            .values(finished_at=func.now(), **values)
+            .values(
+                finished_at=func.now(),
+                request=case((purged, null()), else_=Job.request),
+                **values,
+            )
         )
     return bool(cast(CursorResult, result).rowcount)

@@ -114,17 +114,17 @@ def run(settings: WorkerSettings, loglevel: str = "INFO") -> None:
     client = redis.Redis.from_url(settings.redis_url)
     fingerprint = system_fingerprint(settings, model_path)
     announce_model(sessions, settings, fingerprint)
-    tasks.install(
-        tasks.Runtime(
-            worker_id=worker_id,
-            model=settings.model,
-            system_fingerprint=fingerprint,
-            engine=engine,
-            sessions=sessions,
-            redis=client,
-            stream_redis=aioredis.Redis.from_url(settings.redis_url),
-        )
+    runtime = tasks.Runtime(
+        worker_id=worker_id,
+        model=settings.model,
+        system_fingerprint=fingerprint,
+        engine=engine,
+        sessions=sessions,
+        redis=client,
+        stream_redis=aioredis.Redis.from_url(settings.redis_url),
     )
+    tasks.install(runtime)
+    tasks.CancelListener(runtime).start()
     now = time.time()
     heartbeat = Heartbeat(
         client,

@@ -1,17 +1,26 @@
 """Celery tasks: thin, by id, idempotent. The engine host does the work."""
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import EngineError, FerryError
-from core.queue import CHAT_COMPLETION_TASK, JOB_DONE_CHANNEL, STREAM_TTL_SECONDS, make_celery
+from core.errors import CancelledError, EngineError, FerryError
+from core.queue import (
+    CHAT_COMPLETION_TASK,
+    JOB_CANCEL_CHANNEL,
+    JOB_DONE_CHANNEL,
+    STREAM_TTL_SECONDS,
+    make_celery,
+)
 from core.queue import stream_key as job_stream_key
 from core.settings import WorkerSettings
 from workers import jobs, shaping
@@ -34,6 +43,13 @@ class Runtime:
     redis: redis.Redis
     # Used only on the engine's loop: stream chunks are written from there.
     stream_redis: aioredis.Redis
+    # Jobs in the engine now, by id: cancelling one's future aborts it.
+    inflight: dict[str, concurrent.futures.Future] = field(default_factory=dict)
+
+    def cancel(self, job_id: str) -> bool:
+        """Abort a job if it runs here."""
+        future = self.inflight.get(job_id)
+        return future.cancel() if future is not None else False
 
 
 _runtime: Runtime | None = None
@@ -60,16 +76,21 @@ async def relay_stream(
             if shaped is not None:
                 await rt.stream_redis.xadd(key, {"chunk": json.dumps(shaped)})
     except BaseException as exc:
-        error = exc if isinstance(exc, FerryError) else EngineError(f"The engine failed: {exc}")
-        await _end_stream(
+        if isinstance(exc, asyncio.CancelledError):
+            error: FerryError = CancelledError()
+        elif isinstance(exc, FerryError):
+            error = exc
+        else:
+            error = EngineError(f"The engine failed: {exc}")
+        await end_stream(
             rt, key, {"error": json.dumps(error.envelope()), "status": error.status_code}
         )
         raise
-    await _end_stream(rt, key, {"done": "1"})
     return assembler.completion()
 
 
-async def _end_stream(rt: Runtime, key: str, entry: dict[Any, Any]) -> None:
+async def end_stream(rt: Runtime, key: str, entry: dict[Any, Any]) -> None:
+    """The last entry of a job's stream; the stream expires a while later."""
     async with rt.stream_redis.pipeline(transaction=False) as pipe:
         pipe.xadd(key, entry)
         pipe.expire(key, STREAM_TTL_SECONDS)
@@ -98,11 +119,21 @@ def chat_completion(job_id: str) -> None:
     fields = shaping.engine_fields(body, stream)
     try:
         if stream:
-            response = rt.engine.run(relay_stream(rt, job_id, fields, answering))
+            future = rt.engine.submit(relay_stream(rt, job_id, fields, answering))
         else:
-            raw = rt.engine.run(rt.engine.complete(job_id, fields))
-            response = shaping.completion(raw, answering)
+            future = rt.engine.submit(rt.engine.complete(job_id, fields))
+        rt.inflight[job_id] = future
+        try:
+            result = future.result()
+        finally:
+            rt.inflight.pop(job_id, None)
+        response = result if stream else shaping.completion(result, answering)
         jobs.succeed(rt.sessions, job_id, response)
+        if stream:
+            # After the result is stored: a client that sees the end can read it back at once.
+            rt.engine.run(end_stream(rt, job_stream_key(job_id), {"done": "1"}))
+    except concurrent.futures.CancelledError:
+        log.info("job %s cancelled", job_id)
     except EngineDead as exc:
         log.critical("engine dead while running job %s: %s; exiting", job_id, exc)
         error = EngineError(f"The engine stopped while running this request: {exc}")
@@ -118,3 +149,23 @@ def chat_completion(job_id: str) -> None:
         error = EngineError(f"The engine failed on this request: {exc}")
         jobs.fail(rt.sessions, job_id, error.status_code, error.envelope())
     rt.redis.publish(JOB_DONE_CHANNEL, job_id)
+
+
+class CancelListener(threading.Thread):
+    """Aborts the jobs the API cancels, if they run in this worker."""
+
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__(name="cancel-listener", daemon=True)
+        self.rt = rt
+
+    def run(self) -> None:
+        while True:
+            try:
+                pubsub = self.rt.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(JOB_CANCEL_CHANNEL)
+                for message in pubsub.listen():
+                    if message["type"] == "message" and self.rt.cancel(message["data"].decode()):
+                        log.info("aborted job %s", message["data"].decode())
+            except redis.RedisError as exc:
+                log.warning("cancel notifications lost (%s); resubscribing", exc)
+                threading.Event().wait(1)

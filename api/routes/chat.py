@@ -1,43 +1,159 @@
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, StreamingResponse
+from typing import Annotated, Any
 
-from api import completions
+from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+
+from api import completions, stored
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
+from core.errors import InvalidRequestError
 from core.wire import ChatCompletion, ChatCompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_STREAM_RESPONSE = {
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "string",
+                "description": "With `stream: true`: `chat.completion.chunk` events, "
+                "then `data: [DONE]`.",
+            }
+        }
+    }
+}
+_OBJECT = {"type": "object", "additionalProperties": True}
 
 
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
     responses={
-        200: {
-            "content": {
-                "text/event-stream": {
-                    "schema": {
-                        "type": "string",
-                        "description": "With `stream: true`: `chat.completion.chunk` events, "
-                        "then `data: [DONE]`.",
-                    }
-                }
-            }
-        },
+        200: _STREAM_RESPONSE,
+        202: {"description": "With `Prefer: respond-async`: the queued completion to poll"},
         **ERROR_RESPONSES,
+        409: ERROR_RESPONSES[400],
         504: ERROR_RESPONSES[503],
     },
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, key: ApiKeyDep, session: SessionDep, ctx: ContextDep
+    body: ChatCompletionRequest,
+    key: ApiKeyDep,
+    session: SessionDep,
+    ctx: ContextDep,
+    prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ):
     """Creates a model response for the given chat conversation."""
-    job = await completions.submit(session, key, body)
+    respond_async = "respond-async" in (prefer or "")
+    if respond_async and body.stream:
+        raise InvalidRequestError(
+            "A streamed request cannot also ask for 'Prefer: respond-async'.", param="stream"
+        )
+    job, replayed = await completions.submit(session, key, body, idempotency_key)
+    if replayed and body.stream:
+        raise InvalidRequestError(
+            f"A streamed request is not replayed; retrieve '{job.id}' instead.",
+            param="stream",
+            code="idempotency_key_reused",
+        )
+    if respond_async:
+        if not replayed:
+            await completions.enqueue(ctx, job)
+        return JSONResponse(
+            stored.view(job),
+            status_code=202,
+            headers={"Location": f"/v1/chat/completions/{job.id}"},
+        )
     if body.stream:
         events = await completions.run_and_stream(ctx, job)
         return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
-    job = await completions.run_and_wait(ctx, job)
+    job = await (completions.wait(ctx, job) if replayed else completions.run_and_wait(ctx, job))
     # Stored already in OpenAI's exact shape: sent as it is, not re-serialized with nulls.
-    return JSONResponse(completions.result_of(job))
+    return JSONResponse(
+        completions.result_of(job), background=BackgroundTask(stored.mark_delivered, ctx, job.id)
+    )
+
+
+@router.get(
+    "/chat/completions",
+    responses={200: {"content": {"application/json": {"schema": _OBJECT}}}, **ERROR_RESPONSES},
+)
+async def list_chat_completions(
+    request: Request,
+    key: ApiKeyDep,
+    session: SessionDep,
+    model: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query()] = 20,
+    order: str = "asc",
+) -> dict[str, Any]:
+    """Lists stored chat completions; filter with `model` and `metadata[key]=value`."""
+    metadata = {
+        name[len("metadata[") : -1]: value
+        for name, value in request.query_params.multi_items()
+        if name.startswith("metadata[") and name.endswith("]")
+    }
+    return await stored.list_completions(
+        session, key, after=after, limit=limit, order=order, model=model, metadata=metadata
+    )
+
+
+@router.get("/chat/completions/{completion_id}", responses=ERROR_RESPONSES)
+async def retrieve_chat_completion(
+    completion_id: str, key: ApiKeyDep, session: SessionDep, ctx: ContextDep
+) -> JSONResponse:
+    """Retrieves a chat completion: its status while queued or running, in full once done."""
+    job = await stored.get_visible(session, key, completion_id)
+    done = job.status.is_final and not job.store
+    return JSONResponse(
+        stored.view(job),
+        background=BackgroundTask(stored.mark_delivered, ctx, job.id) if done else None,
+    )
+
+
+@router.post("/chat/completions/{completion_id}", responses=ERROR_RESPONSES)
+async def update_chat_completion(
+    completion_id: str,
+    key: ApiKeyDep,
+    session: SessionDep,
+    metadata: Annotated[dict[str, str] | None, Body(embed=True)],
+) -> dict[str, Any]:
+    """Updates a stored chat completion's metadata."""
+    return await stored.update_metadata(session, key, completion_id, metadata)
+
+
+@router.delete("/chat/completions/{completion_id}", responses=ERROR_RESPONSES)
+async def delete_chat_completion(
+    completion_id: str, key: ApiKeyDep, session: SessionDep
+) -> dict[str, Any]:
+    """Deletes a stored chat completion."""
+    return await stored.delete(session, key, completion_id)
+
+
+@router.get("/chat/completions/{completion_id}/messages", responses=ERROR_RESPONSES)
+async def list_chat_completion_messages(
+    completion_id: str,
+    key: ApiKeyDep,
+    session: SessionDep,
+    after: str | None = None,
+    limit: int = 20,
+    order: str = "asc",
+) -> dict[str, Any]:
+    """Lists the messages of a stored chat completion's request."""
+    return await stored.list_messages(
+        session, key, completion_id, after=after, limit=limit, order=order
+    )
+
+
+@router.post(
+    "/chat/completions/{completion_id}/cancel",
+    responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]},
+)
+async def cancel_chat_completion(
+    completion_id: str, key: ApiKeyDep, session: SessionDep, ctx: ContextDep
+) -> dict[str, Any]:
+    """Cancels a queued or running chat completion; the engine aborts it."""
+    return await stored.cancel(ctx, session, key, completion_id)

@@ -1,0 +1,255 @@
+"""Stored completions: read, list, update, delete and cancel, always within the caller's project.
+
+What is kept: a `store: true` completion keeps its request and response until deleted. A
+`store: false` one keeps them only until delivered (the synchronous answer sent, the stream
+finished, the final poll answered), then they are purged; its accounting row stays. With an
+Idempotency-Key the content stays for IDEMPOTENCY_WINDOW so a retry can be answered.
+"""
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, case, func, null, select, tuple_, type_coerce, update
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.context import ApiContext
+from core.errors import CancelledError, ConflictError, InvalidRequestError, NotFoundError
+from core.queue import JOB_CANCEL_CHANNEL, JOB_DONE_CHANNEL, stream_key
+from core.tables import ApiKey, Job, JobStatus
+from core.validation import check_metadata
+
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+FINAL = [JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]
+_LISTED = and_(Job.store, Job.deleted_at.is_(None), Job.status == JobStatus.succeeded)
+
+
+def not_found(job_id: str) -> NotFoundError:
+    return NotFoundError(f"No chat completion found with id '{job_id}'.", param="completion_id")
+
+
+async def get_visible(session: AsyncSession, key: ApiKey, job_id: str) -> Job:
+    """The caller's job, while it has content to show; 404 otherwise (never another project's)."""
+    job = await session.get(Job, job_id)
+    if (
+        job is None
+        or job.project != key.project
+        or job.deleted_at is not None
+        or (not job.store and job.request is None)
+    ):
+        raise not_found(job_id)
+    return job
+
+
+def view(job: Job) -> dict[str, Any]:
+    """A job as OpenAI's `chat.completion`, with its `status`; in progress, without choices."""
+    if job.status == JobStatus.succeeded and job.response is not None:
+        return {**job.response, "status": job.status.value}
+    body: dict[str, Any] = {
+        "id": job.id,
+        "object": "chat.completion",
+        "created": job.created,
+        "model": job.model,
+        "choices": [],
+        "status": job.status.value,
+    }
+    if job.metadata_ is not None:
+        body["metadata"] = job.metadata_
+    if job.error is not None:
+        body["error"] = job.error["error"]
+    return body
+
+
+async def mark_delivered(ctx: ApiContext, job_id: str) -> None:
+    """The job's result reached its client: purge a `store: false` job's content."""
+    final = Job.status.in_(FINAL)
+    purge = and_(~Job.store, Job.idempotency_key.is_(None))
+    async with ctx.sessions.begin() as session:
+        await session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                delivered_at=func.coalesce(Job.delivered_at, func.now()),
+                request=case((and_(purge, final), null()), else_=Job.request),
+                response=case((purge, null()), else_=Job.response),
+            )
+        )
+
+
+async def purge_idempotent(ctx: ApiContext) -> int:
+    """Purge `store: false` content kept for retries, once the idempotency window is over."""
+    async with ctx.sessions.begin() as session:
+        result = await session.execute(
+            update(Job)
+            .where(
+                ~Job.store,
+                Job.idempotency_key.is_not(None),
+                Job.delivered_at < func.now() - IDEMPOTENCY_WINDOW,
+                Job.request.is_not(None),
+            )
+            .values(request=None, response=None)
+        )
+    return result.rowcount
+
+
+def _check_page(limit: int, order: str) -> None:
+    if not 1 <= limit <= 100:
+        word, sign, bound = (
+            ("above maximum", "<=", 100) if limit > 100 else ("below minimum", ">=", 1)
+        )
+        raise InvalidRequestError(
+            f"Invalid 'limit': integer {word} value. Expected a value {sign} {bound}, but got "
+            f"{limit} instead.",
+            param="limit",
+            code="integer_above_max_value" if limit > 100 else "integer_below_min_value",
+        )
+    if order not in ("asc", "desc"):
+        raise InvalidRequestError(
+            f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'.",
+            param="order",
+            code="invalid_value",
+        )
+
+
+def _page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    shown = items[:limit]
+    return {
+        "object": "list",
+        "data": shown,
+        "first_id": shown[0]["id"] if shown else "",
+        "last_id": shown[-1]["id"] if shown else "",
+        "has_more": len(items) > limit,
+    }
+
+
+async def list_completions(
+    session: AsyncSession,
+    key: ApiKey,
+    *,
+    after: str | None,
+    limit: int,
+    order: str,
+    model: str | None,
+    metadata: dict[str, str],
+) -> dict[str, Any]:
+    """A page of the caller's stored completions, keyset-paged on (created_at, id)."""
+    _check_page(limit, order)
+    check_metadata(metadata)
+    query = select(Job).where(_LISTED, Job.project == key.project)
+    if model is not None:
+        query = query.where(Job.model == model)
+    if metadata:
+        query = query.where(type_coerce(Job.metadata_, JSONB).contains(metadata))
+    position = tuple_(Job.created_at, Job.id)
+    if after is not None:
+        anchor = (
+            await session.execute(
+                select(Job.created_at, Job.id).where(Job.id == after, Job.project == key.project)
+            )
+        ).one_or_none()
+        if anchor is None:
+            raise not_found(after)
+        query = query.where(
+            position > tuple(anchor) if order == "asc" else position < tuple(anchor)
+        )
+    direction = (lambda c: c.asc()) if order == "asc" else (lambda c: c.desc())
+    query = query.order_by(direction(Job.created_at), direction(Job.id)).limit(limit + 1)
+    jobs = (await session.scalars(query)).all()
+    return _page([view(job) for job in jobs], limit)
+
+
+def _message(job_id: str, index: int, message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    parts = content if isinstance(content, list) else None
+    if parts is not None:
+        content = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+    out = {
+        "id": f"{job_id}-{index}",
+        "role": message["role"],
+        "content": content,
+        "refusal": None,
+        "name": message.get("name"),
+        "content_parts": parts,
+    }
+    for optional in ("tool_calls", "tool_call_id", "function_call"):
+        if message.get(optional):
+            out[optional] = message[optional]
+    return out
+
+
+async def list_messages(
+    session: AsyncSession, key: ApiKey, job_id: str, *, after: str | None, limit: int, order: str
+) -> dict[str, Any]:
+    """A page of a stored completion's request messages."""
+    _check_page(limit, order)
+    job = await get_visible(session, key, job_id)
+    if not job.store or job.request is None:
+        raise not_found(job_id)
+    messages = [_message(job.id, i, m) for i, m in enumerate(job.request["messages"])]
+    if order == "desc":
+        messages.reverse()
+    if after is not None:
+        ids = [m["id"] for m in messages]
+        if after not in ids:
+            raise NotFoundError(f"No message found with id '{after}'.", param="after")
+        messages = messages[ids.index(after) + 1 :]
+    return _page(messages[: limit + 1], limit)
+
+
+async def update_metadata(
+    session: AsyncSession, key: ApiKey, job_id: str, metadata: dict[str, str] | None
+) -> dict[str, Any]:
+    """Replace a stored completion's metadata."""
+    check_metadata(metadata)
+    job = await get_visible(session, key, job_id)
+    if not job.store or job.status != JobStatus.succeeded:
+        raise not_found(job_id)
+    job.metadata_ = metadata
+    if job.response is not None:
+        job.response = {**job.response, "metadata": metadata}
+    await session.commit()
+    return view(job)
+
+
+async def delete(session: AsyncSession, key: ApiKey, job_id: str) -> dict[str, Any]:
+    """Delete a stored completion: its content goes, its accounting stays."""
+    job = await get_visible(session, key, job_id)
+    if not job.store:
+        raise not_found(job_id)
+    job.deleted_at = func.now()
+    job.request = None
+    job.response = None
+    await session.commit()
+    return {"object": "chat.completion.deleted", "id": job_id, "deleted": True}
+
+
+async def cancel(ctx: ApiContext, session: AsyncSession, key: ApiKey, job_id: str) -> dict:
+    """Cancel a queued or running job; the worker running it aborts it in the engine."""
+    job = await get_visible(session, key, job_id)
+    result = await session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
+        .values(
+            status=JobStatus.cancelled,
+            finished_at=func.now(),
+            error=CancelledError().envelope(),
+            error_status=CancelledError.status_code,
+        )
+    )
+    await session.commit()
+    if not result.rowcount:  # type: ignore[attr-defined]
+        raise ConflictError(
+            f"Chat completion '{job_id}' has already ended ({job.status.value}); "
+            "only queued or running ones can be cancelled.",
+            param="completion_id",
+        )
+    await session.refresh(job)
+    error = json.dumps(CancelledError().envelope())
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.publish(JOB_CANCEL_CHANNEL, job_id)
+        pipe.publish(JOB_DONE_CHANNEL, job_id)
+        if (job.request or {}).get("stream"):
+            pipe.xadd(stream_key(job_id), {"error": error, "status": CancelledError.status_code})
+        await pipe.execute()
+    return view(job)
