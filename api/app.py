@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from api import stored
+from api import batches, stored
 from api.auth import BearerAuth
 from api.context import ApiContext
 from api.errors import install_error_handlers
-from api.routes import chat, health, models
+from api.routes import batches as batch_routes
+from api.routes import chat, files, health, models
 from api.waiter import JobWaiter
 from core.db import async_engine, async_sessions
 from core.queue import make_celery
@@ -49,11 +50,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             celery=make_celery(settings, "ferry-api"),
             waiter=waiter,
         )
-        purger = asyncio.create_task(_purge_now_and_then(app.state.ctx))
+        loops = [
+            asyncio.create_task(_purge_now_and_then(app.state.ctx)),
+            asyncio.create_task(batches.tend_forever(app.state.ctx)),
+        ]
         try:
             yield
         finally:
-            purger.cancel()
+            for loop in loops:
+                loop.cancel()
             await waiter.stop()
             await redis.aclose()
             await engine.dispose()
@@ -69,4 +74,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(chat.router)
+    app.include_router(files.router)
+    app.include_router(batch_routes.router)
     return app

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api import stored
-from api.context import ApiContext
+from api.context import ApiContext, in_background
 from core import capabilities
 from core.errors import (
     ConflictError,
@@ -193,22 +193,12 @@ async def _events(ctx: ApiContext, job: Job, key: str, entries: Entries) -> Asyn
             yield event
     finally:
         # Finished, or the client has gone: either way the stream is delivered.
-        _in_background(_delivered_stream(ctx, job.id, key))
+        in_background(_delivered_stream(ctx, job.id, key))
 
 
 async def _delivered_stream(ctx: ApiContext, job_id: str, key: str) -> None:
     await stored.mark_delivered(ctx, job_id)
     await ctx.redis.delete(key)
-
-
-_background: set[asyncio.Task] = set()
-
-
-def _in_background(coro: Awaitable[None]) -> None:
-    """Run `coro` to its end even if the request that started it is cancelled."""
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
 
 
 async def _relay(ctx: ApiContext, job: Job, key: str, entries: Entries) -> AsyncIterator[bytes]:

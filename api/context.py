@@ -1,6 +1,9 @@
 """What the API process holds for its lifetime: database and Redis pools, Celery, the waiter."""
 
+import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -30,3 +33,13 @@ class ApiContext:
 
     async def has_live_worker(self, model: str) -> bool:
         return any(beat.model == model for beat in await self.live_workers())
+
+
+_background: set[asyncio.Task] = set()
+
+
+def in_background(coro: Coroutine[Any, Any, None]) -> None:
+    """Run `coro` to its end even if the request that started it is cancelled or answered."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)

@@ -12,6 +12,10 @@ from celery import Celery
 from core.settings import CoreSettings
 
 CHAT_COMPLETION_TASK = "ferry.chat_completion"
+# A chunk of a batch's jobs, by id, run together in the engine at batch priority.
+BATCH_TASK = "ferry.chat_completion_batch"
+# Workers publish a batch id here when some of its jobs end; the API finalizes done batches.
+BATCH_PROGRESS_CHANNEL = "ferry:batches:progress"
 # Workers publish a job id here when its job reaches a final state.
 JOB_DONE_CHANNEL = "ferry:jobs:done"
 # The API publishes a job id here to cancel it; the worker running it aborts it in the engine.

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     func,
@@ -30,7 +31,7 @@ NAMING_CONVENTION = {
 }
 
 # JSONB on Postgres; plain JSON elsewhere keeps the models importable without it.
-Json = JSON().with_variant(JSONB(), "postgresql")
+Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 class Base(DeclarativeBase):
@@ -82,6 +83,94 @@ class ServedModel(Base):
     last_served_at: Mapped[datetime] = _now_column()
 
 
+class BatchStatus(enum.StrEnum):
+    validating = "validating"
+    failed = "failed"
+    in_progress = "in_progress"
+    finalizing = "finalizing"
+    completed = "completed"
+    expired = "expired"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+
+
+class StoredFile(Base):
+    """An uploaded or produced file (OpenAI's file object); its bytes live in file_chunks."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project: Mapped[str] = mapped_column(String(200), index=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    filename: Mapped[str] = mapped_column(String(1024))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = _now_column()
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class FileChunk(Base):
+    """A piece of a file's bytes, in order: files stream in and out without being held whole."""
+
+    __tablename__ = "file_chunks"
+
+    file_id: Mapped[str] = mapped_column(
+        ForeignKey("files.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Batch(Base):
+    """A batch of chat completion requests read from an uploaded JSONL file."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project: Mapped[str] = mapped_column(String(200))
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(ForeignKey("files.id"))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[BatchStatus] = mapped_column(
+        Enum(BatchStatus, native_enum=False, length=16, validate_strings=True),
+        default=BatchStatus.validating,
+    )
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    # OpenAI's `errors` list: why the batch failed as a whole.
+    errors: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", Json)
+    model: Mapped[str | None] = mapped_column(String(200))
+    # Lines read, and lines that failed validation (they are never jobs).
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    invalid: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = _now_column()
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_batches_project_created_at", "project", "created_at", "id"),)
+
+
+class BatchLineError(Base):
+    """A line of a batch's input that failed validation: it goes to the error file."""
+
+    __tablename__ = "batch_line_errors"
+
+    batch_id: Mapped[str] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+    error: Mapped[dict[str, Any]] = mapped_column(Json)
+
+
 class Job(Base):
     """One chat completion request and, once done, its response or error."""
 
@@ -107,6 +196,10 @@ class Job(Base):
     total_tokens: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
+    # For a batch's jobs: the batch, the line's custom_id and its line number in the input.
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"))
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+    line_number: Mapped[int | None] = mapped_column(Integer)
     # A client's Idempotency-Key and the hash of the body it came with (scoped to the API key).
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
@@ -123,6 +216,18 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_model_status", "model", "status"),
         Index("ix_jobs_project_created_at", "project", "created_at"),
+        Index(
+            "ix_jobs_batch_line",
+            "batch_id",
+            "line_number",
+            postgresql_where=text("batch_id IS NOT NULL"),
+        ),
+        Index(
+            "ix_jobs_batch_status",
+            "batch_id",
+            "status",
+            postgresql_where=text("batch_id IS NOT NULL"),
+        ),
         # The stored-completions list: by project, optionally by model, in creation order.
         Index(
             "ix_jobs_stored_project_created",

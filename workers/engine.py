@@ -51,6 +51,9 @@ def engine_argv(settings: WorkerSettings, model_path: str) -> list[str]:
         "--enable-prompt-tokens-details",
         # tool_choice "none" means the model never sees the tools, as at OpenAI.
         "--exclude-tools-when-tool-choice-none",
+        # Interactive requests are scheduled ahead of batch work (which asks for a lower priority).
+        "--scheduling-policy",
+        "priority",
     ]
     if settings.enforce_eager:
         argv.append("--enforce-eager")

@@ -47,6 +47,7 @@ class Answering:
     legacy_functions: bool = False
     # The client asked for the usage chunk at the end of a stream.
     include_usage: bool = False
+    batch_id: str | None = None
 
     @classmethod
     def for_request(cls, body: dict[str, Any], **labels: Any) -> "Answering":

@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import CancelledError, EngineError, FerryError
 from core.queue import (
+    BATCH_PROGRESS_CHANNEL,
+    BATCH_TASK,
     CHAT_COMPLETION_TASK,
     JOB_CANCEL_CHANNEL,
     JOB_DONE_CHANNEL,
@@ -149,6 +151,66 @@ def chat_completion(job_id: str) -> None:
         error = EngineError(f"The engine failed on this request: {exc}")
         jobs.fail(rt.sessions, job_id, error.status_code, error.envelope())
     rt.redis.publish(JOB_DONE_CHANNEL, job_id)
+
+
+# vLLM schedules lower values first: interactive requests (0) overtake batch work.
+BATCH_PRIORITY = 10
+
+
+@app.task(name=BATCH_TASK)
+def chat_completion_batch(job_ids: list[str]) -> None:
+    """Run a chunk of a batch's jobs together in the engine; store their results at once."""
+    rt = _runtime
+    assert rt is not None, "the worker has not installed its runtime"
+    running: dict[str, tuple[shaping.Answering, concurrent.futures.Future]] = {}
+    for claimed in jobs.claim_many(rt.sessions, job_ids, rt.worker_id):
+        answering = shaping.Answering.for_request(
+            claimed.request,
+            id=claimed.id,
+            model=claimed.model,
+            created=claimed.created,
+            system_fingerprint=rt.system_fingerprint,
+            metadata=claimed.metadata,
+            batch_id=claimed.batch_id,
+        )
+        fields = {
+            **shaping.engine_fields(claimed.request, stream=False),
+            "priority": BATCH_PRIORITY,
+        }
+        future = rt.engine.submit(rt.engine.complete(claimed.id, fields))
+        rt.inflight[claimed.id] = future
+        running[claimed.id] = (answering, future)
+    outcomes: list[tuple[str, dict[str, Any] | None, FerryError | None]] = []
+    dead: EngineDead | None = None
+    for job_id, (answering, future) in running.items():
+        try:
+            outcomes.append((job_id, shaping.completion(future.result(), answering), None))
+        except concurrent.futures.CancelledError:
+            pass
+        except EngineDead as exc:
+            dead = exc
+            outcomes.append((job_id, None, EngineError(f"The engine stopped: {exc}")))
+        except FerryError as exc:
+            outcomes.append((job_id, None, exc))
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            outcomes.append(
+                (job_id, None, EngineError(f"The engine failed on this request: {exc}"))
+            )
+        finally:
+            rt.inflight.pop(job_id, None)
+    with rt.sessions.begin() as session:
+        for job_id, response, error in outcomes:
+            if response is not None:
+                jobs.succeed_in(session, job_id, response)
+            elif error is not None:
+                jobs.fail_in(session, job_id, error.status_code, error.envelope())
+    for batch_id in {a.batch_id for a, _ in running.values() if a.batch_id is not None}:
+        rt.redis.publish(BATCH_PROGRESS_CHANNEL, batch_id)
+    if dead is not None:
+        log.critical("engine dead while running a batch chunk: %s; exiting", dead)
+        kill_engine_processes()
+        os._exit(3)
 
 
 class CancelListener(threading.Thread):

@@ -1,0 +1,156 @@
+"""Files, stored in Postgres in chunks: uploads stream in and contents stream out, never whole.
+
+Any API process can serve any file, so API processes scale out without a shared disk.
+"""
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import UploadFile
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.errors import FerryError, InvalidRequestError, NotFoundError
+from core.ids import new_id
+from core.tables import ApiKey, FileChunk, StoredFile
+
+CHUNK = 1 << 20
+MAX_UPLOAD_BYTES = 200 * (1 << 20)
+PURPOSES = ("batch",)
+
+
+def view(file: StoredFile) -> dict[str, Any]:
+    """OpenAI's file object."""
+    return {
+        "id": file.id,
+        "object": "file",
+        "bytes": file.bytes,
+        "created_at": int(file.created_at.timestamp()),
+        "filename": file.filename,
+        "purpose": file.purpose,
+        "status": "processed",
+    }
+
+
+async def upload(
+    sessions: async_sessionmaker, key: ApiKey, upload: UploadFile, purpose: str
+) -> StoredFile:
+    """Store an uploaded file chunk by chunk."""
+    if purpose not in PURPOSES:
+        raise InvalidRequestError(
+            f"Invalid value: '{purpose}'. Supported values are: 'batch'.",
+            param="purpose",
+            code="invalid_value",
+        )
+    name = upload.filename or "upload.jsonl"
+    if not name.endswith(".jsonl"):
+        raise InvalidRequestError(
+            "Files for batches must be JSON Lines with the .jsonl extension.", param="file"
+        )
+    file = StoredFile(
+        id=new_id("file"), project=key.project, api_key_id=key.id, filename=name, purpose=purpose
+    )
+    async with sessions.begin() as session:
+        session.add(file)
+        seq = size = 0
+        while data := await upload.read(CHUNK):
+            size += len(data)
+            if size > MAX_UPLOAD_BYTES:
+                raise FerryError(
+                    f"The file is larger than {MAX_UPLOAD_BYTES >> 20} MB.",
+                    status_code=413,
+                    type="invalid_request_error",
+                    param="file",
+                    code="file_too_large",
+                )
+            await session.execute(insert(FileChunk).values(file_id=file.id, seq=seq, data=data))
+            seq += 1
+        file.bytes = size
+    return file
+
+
+async def write_lines(
+    session: AsyncSession,
+    key_project: str,
+    api_key_id: str,
+    filename: str,
+    purpose: str,
+    lines: AsyncIterator[bytes],
+) -> StoredFile | None:
+    """A file made of `lines`, written chunk by chunk; None if there are no lines."""
+    file = StoredFile(
+        id=new_id("file"),
+        project=key_project,
+        api_key_id=api_key_id,
+        filename=filename,
+        purpose=purpose,
+    )
+    session.add(file)
+    await session.flush()
+    buffer = bytearray()
+    seq = size = 0
+    async for line in lines:
+        buffer += line
+        if len(buffer) >= CHUNK:
+            await session.execute(
+                insert(FileChunk).values(file_id=file.id, seq=seq, data=bytes(buffer))
+            )
+            seq, size, buffer = seq + 1, size + len(buffer), bytearray()
+    if buffer:
+        await session.execute(
+            insert(FileChunk).values(file_id=file.id, seq=seq, data=bytes(buffer))
+        )
+        size += len(buffer)
+    if size == 0:
+        await session.delete(file)
+        return None
+    file.bytes = size
+    return file
+
+
+async def get(session: AsyncSession, key: ApiKey, file_id: str) -> StoredFile:
+    """The caller's file; 404 otherwise."""
+    file = await session.get(StoredFile, file_id)
+    if file is None or file.project != key.project or file.deleted_at is not None:
+        raise NotFoundError(f"No such File object: {file_id}", param="file_id")
+    return file
+
+
+async def chunks(sessions: async_sessionmaker, file_id: str) -> AsyncIterator[bytes]:
+    """A file's bytes, a chunk at a time."""
+    seq = 0
+    while True:
+        async with sessions() as session:
+            rows = (
+                await session.scalars(
+                    select(FileChunk.data)
+                    .where(FileChunk.file_id == file_id, FileChunk.seq >= seq)
+                    .order_by(FileChunk.seq)
+                    .limit(8)
+                )
+            ).all()
+        if not rows:
+            return
+        for data in rows:
+            yield data
+        seq += len(rows)
+
+
+async def lines(sessions: async_sessionmaker, file_id: str) -> AsyncIterator[bytes]:
+    """A file's lines (without their line ends), read a chunk at a time."""
+    rest = b""
+    async for data in chunks(sessions, file_id):
+        parts = (rest + data).split(b"\n")
+        rest = parts.pop()
+        for part in parts:
+            yield part.rstrip(b"\r")
+    if rest:
+        yield rest.rstrip(b"\r")
+
+
+async def remove(session: AsyncSession, key: ApiKey, file_id: str) -> dict[str, Any]:
+    file = await get(session, key, file_id)
+    file.deleted_at = func.now()
+    await session.execute(delete(FileChunk).where(FileChunk.file_id == file_id))
+    await session.commit()
+    return {"id": file_id, "object": "file", "deleted": True}

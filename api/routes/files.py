@@ -1,0 +1,91 @@
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from api import files
+from api.deps import ApiKeyDep, ContextDep, SessionDep
+from api.errors import ERROR_RESPONSES
+from core.errors import InvalidRequestError
+from core.tables import StoredFile
+
+router = APIRouter(prefix="/v1", tags=["files"])
+
+
+@router.post("/files", responses={**ERROR_RESPONSES, 413: ERROR_RESPONSES[400]})
+async def create_file(
+    key: ApiKeyDep,
+    ctx: ContextDep,
+    file: Annotated[UploadFile, File()],
+    purpose: Annotated[str, Form()],
+) -> dict[str, Any]:
+    """Uploads a file (JSON Lines for batches, up to 200 MB)."""
+    return files.view(await files.upload(ctx.sessions, key, file, purpose))
+
+
+@router.get("/files", responses=ERROR_RESPONSES)
+async def list_files(
+    key: ApiKeyDep,
+    session: SessionDep,
+    purpose: str | None = None,
+    limit: int = 10000,
+    order: str = "desc",
+    after: str | None = None,
+) -> dict[str, Any]:
+    """Lists the project's files."""
+    if not 1 <= limit <= 10000:
+        raise InvalidRequestError(
+            "'limit' must be from 1 to 10000.", param="limit", code="invalid_value"
+        )
+    if order not in ("asc", "desc"):
+        raise InvalidRequestError(
+            f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'.",
+            param="order",
+            code="invalid_value",
+        )
+    query = select(StoredFile).where(
+        StoredFile.project == key.project, StoredFile.deleted_at.is_(None)
+    )
+    if purpose is not None:
+        query = query.where(StoredFile.purpose == purpose)
+    position = (StoredFile.created_at, StoredFile.id)
+    if after is not None:
+        anchor = await files.get(session, key, after)
+        cut = (anchor.created_at, anchor.id)
+        query = query.where(position > cut if order == "asc" else position < cut)  # type: ignore[operator]
+    ordering = [c.asc() if order == "asc" else c.desc() for c in position]
+    rows = (await session.scalars(query.order_by(*ordering).limit(limit + 1))).all()
+    data = [files.view(f) for f in rows[:limit]]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else "",
+        "last_id": data[-1]["id"] if data else "",
+        "has_more": len(rows) > limit,
+    }
+
+
+@router.get("/files/{file_id}", responses=ERROR_RESPONSES)
+async def retrieve_file(file_id: str, key: ApiKeyDep, session: SessionDep) -> dict[str, Any]:
+    """Retrieves a file object."""
+    return files.view(await files.get(session, key, file_id))
+
+
+@router.get("/files/{file_id}/content", responses=ERROR_RESPONSES)
+async def file_content(
+    file_id: str, key: ApiKeyDep, session: SessionDep, ctx: ContextDep
+) -> StreamingResponse:
+    """Streams a file's contents."""
+    file = await files.get(session, key, file_id)
+    return StreamingResponse(
+        files.chunks(ctx.sessions, file.id),
+        media_type="application/jsonl",
+        headers={"Content-Length": str(file.bytes)},
+    )
+
+
+@router.delete("/files/{file_id}", responses=ERROR_RESPONSES)
+async def delete_file(file_id: str, key: ApiKeyDep, session: SessionDep) -> dict[str, Any]:
+    """Deletes a file."""
+    return await files.remove(session, key, file_id)
