@@ -64,3 +64,4 @@ bench: setup ## benches: batching, time to first streamed token, stored-list lat
 	$(PY) -m bench.concurrency
 	$(PY) -m bench.streaming
 	$(PY) -m bench.stored_list
+	$(PY) -m bench.batch_ingest

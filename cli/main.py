@@ -191,11 +191,9 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("id")
     revoke.set_defaults(func=cmd_keys_revoke)
 
-    # -- ferry batch: OpenAI's Batch API over HTTP; see cli/batch.py (openai, rich load lazily) --
     from cli.batch import add_parser as add_batch_parser
 
     add_batch_parser(sub)
-    # -- end ferry batch --
     return p
 
 
