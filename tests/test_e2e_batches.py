@@ -185,3 +185,40 @@ def test_window_ends_and_the_batch_expires(client: openai.OpenAI, db: Engine) ->
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}
     assert sorted(r["custom_id"] for r in output + errors) == sorted(f"e-{i}" for i in range(80))
     assert done.expired_at is not None
+
+
+def test_cli_submits_waits_and_downloads(live_worker, api_key, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    source = tmp_path / "requests.jsonl"
+    source.write_text("\n".join([line(f"cli-{i}") for i in range(8)] + ["broken"]) + "\n")
+    env = {
+        **os.environ,
+        "OPENAI_BASE_URL": f"{live_worker.base_url}/v1",
+        "OPENAI_API_KEY": api_key,
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "batch",
+            "submit",
+            str(source),
+            "--wait",
+            "--poll",
+            "0.3",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    output = [json.loads(x) for x in (tmp_path / "requests.output.jsonl").read_text().splitlines()]
+    errors = [json.loads(x) for x in (tmp_path / "requests.errors.jsonl").read_text().splitlines()]
+    assert sorted(o["custom_id"] for o in output) == sorted(f"cli-{i}" for i in range(8))
+    assert [e["error"]["line"] for e in errors] == [9]
