@@ -60,7 +60,8 @@ lint: install ## format check, lint, types, import contracts
 check: lint test ## lint, then the whole suite
 
 .PHONY: bench
-bench: setup ## benches: batching, time to first streamed token, stored-list latency
+bench: setup ## benches: throughput against vLLM alone, batching, first token, lists, ingestion
+	$(PY) -m bench.throughput
 	$(PY) -m bench.concurrency
 	$(PY) -m bench.streaming
 	$(PY) -m bench.stored_list

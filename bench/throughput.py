@@ -1,0 +1,191 @@
+"""Batch throughput: the same chat requests through vLLM alone and through Ferry, in one run.
+
+Run: `.venv/bin/python -m bench.throughput [--requests 256] [--max-tokens 64]`.
+  (a) vLLM's offline `LLM.chat`, all requests in one call (engine start not timed);
+  (b) vLLM's `run_batch` on the same JSONL (its wall time includes its engine start, reported
+      alongside; the rate is also given without the engine start measured in (a));
+  (c) Ferry end to end: upload, batch, every result in Postgres, with one worker and the same
+      engine settings (from `batches.create` until the batch is completed).
+Prints output tokens/s of each and the ratios c/a and c/b.
+"""
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from core.settings import DEFAULT_MODEL
+
+TOPICS = ["the sea", "a lighthouse", "a cat", "the moon", "a train", "a forest", "rain", "bread"]
+ENGINE = {"max_model_len": 2048, "max_num_seqs": 64, "enforce_eager": True}
+
+
+def requests(n: int, max_tokens: int) -> list[dict]:
+    return [
+        {
+            "custom_id": f"r-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": DEFAULT_MODEL,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": f"Write a short story about {TOPICS[i % len(TOPICS)]}, "
+                        f"number {i}.",
+                    }
+                ],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        }
+        for i in range(n)
+    ]
+
+
+def offline(path: str, n: int, max_tokens: int) -> None:
+    """(a), in its own process: prints {"start": s, "seconds": s, "tokens": n}."""
+    from vllm import LLM, SamplingParams
+
+    started = time.perf_counter()
+    llm = LLM(model=path, **ENGINE)
+    start = time.perf_counter() - started
+    conversations = [r["body"]["messages"] for r in requests(n, max_tokens)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    llm.chat(conversations[:4], params, use_tqdm=False)  # warm-up
+    started = time.perf_counter()
+    outputs = llm.chat(conversations, params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(json.dumps({"start": start, "seconds": seconds, "tokens": tokens}), flush=True)
+
+
+def run_batch(path: str, lines: list[dict]) -> tuple[float, int]:
+    """(b): wall time of vLLM's batch runner, and output tokens."""
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / "in.jsonl", Path(folder) / "out.jsonl"
+        for line in lines:
+            line["body"]["model"] = path
+        source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        started = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.run_batch",
+                "-i",
+                str(source),
+                "-o",
+                str(target),
+                "--model",
+                path,
+                "--max-model-len",
+                str(ENGINE["max_model_len"]),
+                "--max-num-seqs",
+                str(ENGINE["max_num_seqs"]),
+                "--enforce-eager",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        seconds = time.perf_counter() - started
+        tokens = sum(
+            json.loads(x)["response"]["body"]["usage"]["completion_tokens"]
+            for x in target.read_text().splitlines()
+        )
+    return seconds, tokens
+
+
+def ferry(lines: list[dict]) -> tuple[float, int]:
+    """(c): from batch creation until completion, and output tokens."""
+    import openai
+
+    from bench.stack import running_stack
+
+    with running_stack(database="ferry_bench", redis_db=14) as stack:
+        key = stack.create_key("bench")
+        client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
+        client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )  # warm-up
+        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        file = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+        started = time.perf_counter()
+        batch = client.batches.create(
+            input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        while (batch := client.batches.retrieve(batch.id)).status not in (
+            "completed",
+            "failed",
+            "expired",
+            "cancelled",
+        ):
+            time.sleep(0.2)
+        seconds = time.perf_counter() - started
+        assert batch.status == "completed" and batch.request_counts.completed == len(lines)
+        assert batch.usage is not None
+        return seconds, batch.usage.output_tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    from core.settings import CoreSettings
+    from workers.model_prep import prepare_default_model
+
+    path = str(prepare_default_model(CoreSettings().cache_dir))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if args.offline:
+        offline(path, args.requests, args.max_tokens)
+        return
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.throughput",
+            "--offline",
+            "--requests",
+            str(args.requests),
+            "--max-tokens",
+            str(args.max_tokens),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    a = json.loads(next(x for x in done.stdout.splitlines() if x.startswith('{"start"')))
+    b_seconds, b_tokens = run_batch(path, requests(args.requests, args.max_tokens))
+    c_seconds, c_tokens = ferry(requests(args.requests, args.max_tokens))
+
+    rate_a = a["tokens"] / a["seconds"]
+    rate_b = b_tokens / b_seconds
+    rate_b_run = b_tokens / max(b_seconds - a["start"], 1e-9)
+    rate_c = c_tokens / c_seconds
+    print(f"{args.requests} requests, max_tokens {args.max_tokens}, temperature 0, one engine")
+    print(
+        f"(a) vLLM LLM.chat:   {a['tokens']:>6} tokens in {a['seconds']:6.1f} s "
+        f"= {rate_a:6.0f} tok/s"
+    )
+    print(
+        f"(b) vLLM run_batch:  {b_tokens:>6} tokens in {b_seconds:6.1f} s = {rate_b:6.0f} tok/s "
+        f"(with its engine start; {rate_b_run:.0f} tok/s without the {a['start']:.0f} s start)"
+    )
+    print(f"(c) Ferry batch:     {c_tokens:>6} tokens in {c_seconds:6.1f} s = {rate_c:6.0f} tok/s")
+    print(
+        f"c/a = {rate_c / rate_a:.2f}   c/b = {rate_c / rate_b:.2f} "
+        f"(c/b without b's engine start = {rate_c / rate_b_run:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
