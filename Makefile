@@ -62,6 +62,7 @@ check: lint test ## lint, then the whole suite
 .PHONY: bench
 bench: setup ## benches: throughput against vLLM alone, batching, first token, lists, ingestion
 	$(PY) -m bench.throughput
+	$(PY) -m bench.latency
 	$(PY) -m bench.concurrency
 	$(PY) -m bench.streaming
 	$(PY) -m bench.stored_list

@@ -1,0 +1,129 @@
+"""Synchronous latency: Ferry against `vllm serve` on the same model and engine settings.
+
+Run: `.venv/bin/python -m bench.latency`. For concurrency 1, 8 and 32 it sends non-streamed
+chat requests (fixed prompt, temperature 0, fixed max_tokens) first to vLLM's own OpenAI server,
+then to Ferry (API + one worker), and prints p50/p95 latency, output tokens/s, the p50 Ferry adds
+at concurrency 1, and Ferry's throughput at concurrency 32 as a share of vLLM's.
+"""
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+
+from bench.stack import free_port, running_stack
+from core.settings import DEFAULT_MODEL, CoreSettings
+
+LEVELS = (1, 8, 32)
+
+
+@contextlib.contextmanager
+def vllm_server(path: str) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    log = open("test-artifacts/vllm-serve.log", "wb")  # noqa: SIM115 - as long as the server
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            path,
+            "--served-model-name",
+            DEFAULT_MODEL,
+            "--max-model-len",
+            "2048",
+            "--max-num-seqs",
+            "64",
+            "--enforce-eager",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("vllm's api_server exited at start")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def measure(base_url: str, key: str, max_tokens: int, per_thread: int) -> dict[int, tuple]:
+    client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=300)
+
+    def ask(_: int) -> tuple[float, int]:
+        started = time.perf_counter()
+        done = client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+            max_tokens=max_tokens,
+            temperature=0,
+        )
+        assert done.usage is not None
+        return time.perf_counter() - started, done.usage.completion_tokens
+
+    for _ in range(3):
+        ask(0)  # warm-up
+    results = {}
+    for level in LEVELS:
+        count = max(level * per_thread, 20 if level == 1 else 0)
+        with ThreadPoolExecutor(level) as pool:
+            started = time.perf_counter()
+            runs = list(pool.map(ask, range(count)))
+            wall = time.perf_counter() - started
+        latencies = sorted(r[0] for r in runs)
+        results[level] = (
+            statistics.median(latencies),
+            latencies[max(0, int(len(latencies) * 0.95) - 1)],
+            sum(r[1] for r in runs) / wall,
+        )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--per-thread", type=int, default=4)
+    args = parser.parse_args()
+
+    from workers.model_prep import prepare_default_model
+
+    path = str(prepare_default_model(CoreSettings().cache_dir))
+    with vllm_server(path) as url:
+        vllm = measure(url, "none", args.max_tokens, args.per_thread)
+    with running_stack(database="ferry_bench", redis_db=14) as stack:
+        key = stack.create_key("bench")
+        ferry = measure(f"{stack.base_url}/v1", key, args.max_tokens, args.per_thread)
+
+    print(f"non-streamed, max_tokens {args.max_tokens}, temperature 0; p50 / p95 latency, tok/s")
+    for level in LEVELS:
+        v, f = vllm[level], ferry[level]
+        print(
+            f"  concurrency {level:>2}: vllm serve {v[0] * 1000:6.0f} / {v[1] * 1000:6.0f} ms "
+            f"{v[2]:5.0f} tok/s | Ferry {f[0] * 1000:6.0f} / {f[1] * 1000:6.0f} ms "
+            f"{f[2]:5.0f} tok/s"
+        )
+    print(f"p50 Ferry adds at concurrency 1: {(ferry[1][0] - vllm[1][0]) * 1000:.1f} ms")
+    print(f"throughput at concurrency 32, Ferry / vllm serve: {ferry[32][2] / vllm[32][2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
