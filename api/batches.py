@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api import files
 from api.context import ApiContext
 from api.errors import describe
+from api.stored import page
 from core import capabilities
 from core.errors import ConflictError, FerryError, InvalidRequestError, NotFoundError
 from core.ids import new_id
@@ -405,14 +406,7 @@ async def list_batches(
             query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
         )
     ).all()
-    data = [await view(session, b) for b in rows[:limit]]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": len(rows) > limit,
-    }
+    return page([await view(session, b) for b in rows], limit)
 
 
 async def cancel(ctx: ApiContext, session: AsyncSession, key: ApiKey, batch_id: str) -> Batch:

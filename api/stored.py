@@ -112,7 +112,8 @@ def _check_page(limit: int, order: str) -> None:
         )
 
 
-def _page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+def page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """OpenAI's list object for up to `limit` of `items` (one more means there are more)."""
     shown = items[:limit]
     return {
         "object": "list",
@@ -156,7 +157,7 @@ async def list_completions(
     direction = (lambda c: c.asc()) if order == "asc" else (lambda c: c.desc())
     query = query.order_by(direction(Job.created_at), direction(Job.id)).limit(limit + 1)
     jobs = (await session.scalars(query)).all()
-    return _page([view(job) for job in jobs], limit)
+    return page([view(job) for job in jobs], limit)
 
 
 def _message(job_id: str, index: int, message: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +195,7 @@ async def list_messages(
         if after not in ids:
             raise NotFoundError(f"No message found with id '{after}'.", param="after")
         messages = messages[ids.index(after) + 1 :]
-    return _page(messages[: limit + 1], limit)
+    return page(messages[: limit + 1], limit)
 
 
 async def update_metadata(

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 
-from bench.stack import free_port, running_stack
+from bench.stack import ROOT, free_port, running_stack
 from core.settings import DEFAULT_MODEL, CoreSettings
 
 LEVELS = (1, 8, 32)
@@ -29,7 +29,8 @@ LEVELS = (1, 8, 32)
 def vllm_server(path: str) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-    log = open("test-artifacts/vllm-serve.log", "wb")  # noqa: SIM115 - as long as the server
+    ROOT.joinpath("test-artifacts").mkdir(exist_ok=True)
+    log = open(ROOT / "test-artifacts" / "vllm-serve.log", "wb")  # noqa: SIM115 - server's life
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -6,7 +6,7 @@ template understands and answers with OpenAI's fields only, under the job's id a
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from core.wire import ChatCompletion, ChatCompletionChunk
 
@@ -32,6 +32,7 @@ FERRY_ONLY_FIELDS = frozenset(
     }
 )
 SERVICE_TIER = "default"
+T = TypeVar("T", ChatCompletion, ChatCompletionChunk)
 
 
 @dataclass
@@ -48,6 +49,15 @@ class Answering:
     # The client asked for the usage chunk at the end of a stream.
     include_usage: bool = False
     batch_id: str | None = None
+
+    def label(self, result: T) -> T:
+        """Put the job's id, model, creation time and fingerprint on a response or chunk."""
+        result.id = self.id
+        result.model = self.model
+        result.created = self.created
+        result.service_tier = SERVICE_TIER
+        result.system_fingerprint = self.system_fingerprint
+        return result
 
     @classmethod
     def for_request(cls, body: dict[str, Any], **labels: Any) -> "Answering":
@@ -104,13 +114,8 @@ def _dump(model: ChatCompletion | ChatCompletionChunk) -> dict[str, Any]:
 
 def completion(raw: dict[str, Any], answering: Answering) -> dict[str, Any]:
     """vLLM's response as OpenAI's `chat.completion`."""
-    result = ChatCompletion.model_validate(raw)
-    result.id = answering.id
-    result.model = answering.model
-    result.created = answering.created
+    result = answering.label(ChatCompletion.model_validate(raw))
     result.metadata = answering.metadata
-    result.service_tier = SERVICE_TIER
-    result.system_fingerprint = answering.system_fingerprint
     for choice in result.choices:
         message = choice.message
         if not message.tool_calls:
@@ -144,11 +149,7 @@ def chunk(raw: dict[str, Any], answering: Answering) -> dict[str, Any] | None:
     result = ChatCompletionChunk.model_validate(raw)
     if not result.choices and result.usage is not None and not answering.include_usage:
         return None
-    result.id = answering.id
-    result.model = answering.model
-    result.created = answering.created
-    result.service_tier = SERVICE_TIER
-    result.system_fingerprint = answering.system_fingerprint
+    answering.label(result)
     for choice in result.choices:
         delta = choice.delta
         if answering.legacy_functions and delta.tool_calls:

@@ -4,7 +4,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from api import files
+from api import files, stored
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
 from core.errors import InvalidRequestError
@@ -56,14 +56,7 @@ async def list_files(
         query = query.where(position > cut if order == "asc" else position < cut)  # type: ignore[operator]
     ordering = [c.asc() if order == "asc" else c.desc() for c in position]
     rows = (await session.scalars(query.order_by(*ordering).limit(limit + 1))).all()
-    data = [files.view(f) for f in rows[:limit]]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else "",
-        "last_id": data[-1]["id"] if data else "",
-        "has_more": len(rows) > limit,
-    }
+    return stored.page([files.view(f) for f in rows], limit)
 
 
 @router.get("/files/{file_id}", responses=ERROR_RESPONSES)
