@@ -27,11 +27,17 @@ from api.context import ApiContext
 from api.errors import describe
 from api.stored import page
 from core import capabilities
-from core.errors import ConflictError, FerryError, InvalidRequestError, NotFoundError
+from core.errors import (
+    ConflictError,
+    FerryError,
+    InvalidRequestError,
+    NotFoundError,
+    error_envelope,
+)
 from core.ids import new_id
 from core.queue import BATCH_PROGRESS_CHANNEL, BATCH_TASK, JOB_CANCEL_CHANNEL, queue_for
 from core.tables import ApiKey, Batch, BatchLineError, BatchStatus, Job, JobStatus, ServedModel
-from core.validation import check_metadata, check_request
+from core.validation import check_metadata, check_range, check_request
 from core.wire import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
@@ -389,12 +395,7 @@ async def view(session: AsyncSession, batch: Batch) -> dict[str, Any]:
 async def list_batches(
     session: AsyncSession, key: ApiKey, after: str | None, limit: int
 ) -> dict[str, Any]:
-    if not 1 <= limit <= 100:
-        raise InvalidRequestError(
-            f"Invalid 'limit': expected a value from 1 to 100, but got {limit} instead.",
-            param="limit",
-            code="integer_above_max_value" if limit > 100 else "integer_below_min_value",
-        )
+    check_range(limit, 1, 100, "limit")
     query = select(Batch).where(Batch.project == key.project)
     if after is not None:
         anchor = await get(session, key, after)
@@ -406,7 +407,7 @@ async def list_batches(
             query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
         )
     ).all()
-    return page([await view(session, b) for b in rows], limit)
+    return page([await view(session, b) for b in rows[:limit]], len(rows) > limit)
 
 
 async def cancel(ctx: ApiContext, session: AsyncSession, key: ApiKey, batch_id: str) -> Batch:
@@ -425,9 +426,7 @@ async def cancel(ctx: ApiContext, session: AsyncSession, key: ApiKey, batch_id: 
 
 
 async def _stop_jobs(ctx: ApiContext, batch_id: str, code: str, message: str) -> None:
-    error = {
-        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-    }
+    error = error_envelope(message, "invalid_request_error", None, code)
     async with ctx.sessions.begin() as session:
         stopped = (
             await session.scalars(

@@ -193,11 +193,11 @@ async def _events(ctx: ApiContext, job: Job, key: str, entries: Entries) -> Asyn
             yield event
     finally:
         # Finished, or the client has gone: either way the stream is delivered.
-        in_background(_delivered_stream(ctx, job.id, key))
+        in_background(_delivered_stream(ctx, job, key))
 
 
-async def _delivered_stream(ctx: ApiContext, job_id: str, key: str) -> None:
-    await stored.mark_delivered(ctx, job_id)
+async def _delivered_stream(ctx: ApiContext, job: Job, key: str) -> None:
+    await stored.mark_delivered(ctx, job)
     await ctx.redis.delete(key)
 
 
@@ -230,14 +230,7 @@ async def _read(ctx: ApiContext, key: str, after: bytes, seconds: float) -> Entr
 
 
 def _stream_error(fields: dict[bytes, Any]) -> FerryError:
-    error = json.loads(fields[b"error"])["error"]
-    return FerryError(
-        error["message"],
-        status_code=int(fields.get(b"status", 500)),
-        type=error["type"],
-        param=error.get("param"),
-        code=error.get("code"),
-    )
+    return FerryError.from_envelope(json.loads(fields[b"error"]), int(fields.get(b"status", 500)))
 
 
 async def _load(ctx: ApiContext, job_id: str) -> Job:
@@ -251,11 +244,4 @@ def result_of(job: Job) -> dict:
     """The completion of a finished job, or its stored error raised as the HTTP error."""
     if job.status == JobStatus.succeeded and job.response is not None:
         return job.response
-    error = (job.error or {}).get("error") or {}
-    raise FerryError(
-        error.get("message") or f"Request {job.id} ended as {job.status.value}.",
-        status_code=job.error_status or 500,
-        type=error.get("type") or "server_error",
-        param=error.get("param"),
-        code=error.get("code"),
-    )
+    raise FerryError.from_envelope(job.error, job.error_status or 500)

@@ -18,7 +18,7 @@ from api.context import ApiContext
 from core.errors import CancelledError, ConflictError, InvalidRequestError, NotFoundError
 from core.queue import JOB_CANCEL_CHANNEL, JOB_DONE_CHANNEL, stream_key
 from core.tables import ApiKey, Job, JobStatus
-from core.validation import check_metadata
+from core.validation import check_metadata, check_range
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 FINAL = [JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]
@@ -61,8 +61,11 @@ def view(job: Job) -> dict[str, Any]:
     return body
 
 
-async def mark_delivered(ctx: ApiContext, job_id: str) -> None:
+async def mark_delivered(ctx: ApiContext, job: Job) -> None:
     """The job's result reached its client: purge a `store: false` job's content."""
+    if job.store:
+        return  # kept until deleted: nothing to purge
+    job_id = job.id
     final = Job.status.in_(FINAL)
     purge = and_(~Job.store, Job.idempotency_key.is_(None))
     async with ctx.sessions.begin() as session:
@@ -93,17 +96,9 @@ async def purge_idempotent(ctx: ApiContext) -> int:
     return result.rowcount
 
 
-def _check_page(limit: int, order: str) -> None:
-    if not 1 <= limit <= 100:
-        word, sign, bound = (
-            ("above maximum", "<=", 100) if limit > 100 else ("below minimum", ">=", 1)
-        )
-        raise InvalidRequestError(
-            f"Invalid 'limit': integer {word} value. Expected a value {sign} {bound}, but got "
-            f"{limit} instead.",
-            param="limit",
-            code="integer_above_max_value" if limit > 100 else "integer_below_min_value",
-        )
+def check_page(limit: int, order: str, max_limit: int = 100) -> None:
+    """`limit` within 1..max_limit and `order` asc or desc, as OpenAI's list endpoints take."""
+    check_range(limit, 1, max_limit, "limit")
     if order not in ("asc", "desc"):
         raise InvalidRequestError(
             f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'.",
@@ -112,15 +107,14 @@ def _check_page(limit: int, order: str) -> None:
         )
 
 
-def page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
-    """OpenAI's list object for up to `limit` of `items` (one more means there are more)."""
-    shown = items[:limit]
+def page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """OpenAI's list object."""
     return {
         "object": "list",
-        "data": shown,
-        "first_id": shown[0]["id"] if shown else "",
-        "last_id": shown[-1]["id"] if shown else "",
-        "has_more": len(items) > limit,
+        "data": items,
+        "first_id": items[0]["id"] if items else "",
+        "last_id": items[-1]["id"] if items else "",
+        "has_more": has_more,
     }
 
 
@@ -135,7 +129,7 @@ async def list_completions(
     metadata: dict[str, str],
 ) -> dict[str, Any]:
     """A page of the caller's stored completions, keyset-paged on (created_at, id)."""
-    _check_page(limit, order)
+    check_page(limit, order)
     check_metadata(metadata)
     query = select(Job).where(_LISTED, Job.project == key.project)
     if model is not None:
@@ -157,7 +151,7 @@ async def list_completions(
     direction = (lambda c: c.asc()) if order == "asc" else (lambda c: c.desc())
     query = query.order_by(direction(Job.created_at), direction(Job.id)).limit(limit + 1)
     jobs = (await session.scalars(query)).all()
-    return page([view(job) for job in jobs], limit)
+    return page([view(job) for job in jobs[:limit]], len(jobs) > limit)
 
 
 def _message(job_id: str, index: int, message: dict[str, Any]) -> dict[str, Any]:
@@ -183,7 +177,7 @@ async def list_messages(
     session: AsyncSession, key: ApiKey, job_id: str, *, after: str | None, limit: int, order: str
 ) -> dict[str, Any]:
     """A page of a stored completion's request messages."""
-    _check_page(limit, order)
+    check_page(limit, order)
     job = await get_visible(session, key, job_id)
     if not job.store or job.request is None:
         raise not_found(job_id)
@@ -195,7 +189,7 @@ async def list_messages(
         if after not in ids:
             raise NotFoundError(f"No message found with id '{after}'.", param="after")
         messages = messages[ids.index(after) + 1 :]
-    return page(messages[: limit + 1], limit)
+    return page(messages[:limit], len(messages) > limit)
 
 
 async def update_metadata(

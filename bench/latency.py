@@ -16,10 +16,9 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import openai
 
-from bench.stack import ROOT, free_port, running_stack
+from bench.stack import ROOT, free_port, running_stack, wait_until_up
 from core.settings import DEFAULT_MODEL, CoreSettings
 
 LEVELS = (1, 8, 32)
@@ -53,14 +52,7 @@ def vllm_server(path: str) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError("vllm's api_server exited at start")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(1)
+        wait_until_up(f"http://127.0.0.1:{port}/health", proc, "vLLM's api_server", 300)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()

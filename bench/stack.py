@@ -26,6 +26,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(url: str, proc: subprocess.Popen, what: str, timeout: float) -> None:
+    """Block until `url` answers 200; fail if `proc` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited at start; see test-artifacts/")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not start within {timeout:g} s")
+
+
 @dataclass
 class Stack:
     database: str = "ferry_test"
@@ -104,15 +117,8 @@ class Stack:
         proc = self._spawn(
             "api", ["api", "--port", str(self.port), "--log-level", "WARNING"], self.env(**env)
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError("the API exited at start; see test-artifacts/api.log")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
-                    return proc
-            time.sleep(0.2)
-        raise RuntimeError("the API did not start within 60 s")
+        wait_until_up(f"{self.base_url}/healthz", proc, "the API", timeout=60)
+        return proc
 
     def start_worker(self, name: str = "worker", *args: str, **env: str) -> subprocess.Popen:
         """Start a worker; it takes requests once `wait_for_workers` says so."""

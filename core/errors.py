@@ -32,6 +32,18 @@ class FerryError(Exception):
         if type is not None:
             self.type = type
 
+    @classmethod
+    def from_envelope(cls, envelope: dict[str, Any] | None, status_code: int) -> "FerryError":
+        """The error an OpenAI error body (as stored on a failed job) stands for."""
+        error = (envelope or {}).get("error") or {}
+        return cls(
+            error.get("message") or "The request failed.",
+            status_code=status_code,
+            type=error.get("type"),
+            param=error.get("param"),
+            code=error.get("code"),
+        )
+
     def envelope(self) -> dict[str, Any]:
         """OpenAI's error body for this error."""
         return error_envelope(self.message, self.type, self.param, self.code)

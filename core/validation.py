@@ -33,6 +33,23 @@ def _invalid(message: str, param: str, code: str | None = "invalid_value") -> In
     return InvalidRequestError(message, param=param, code=code)
 
 
+def check_range(value: int, low: int, high: int, param: str) -> None:
+    """An integer outside [low, high] is refused as OpenAI words it."""
+    if low <= value <= high:
+        return
+    word, sign, bound, code = (
+        ("above maximum", "<=", high, "integer_above_max_value")
+        if value > high
+        else ("below minimum", ">=", low, "integer_below_min_value")
+    )
+    raise _invalid(
+        f"Invalid '{param}': integer {word} value. Expected a value {sign} {bound}, but got "
+        f"{value} instead.",
+        param,
+        code,
+    )
+
+
 def check_request(body: ChatCompletionRequest) -> None:
     """Raise InvalidRequestError for the first rule `body` breaks."""
     _check_messages(body.messages)
@@ -192,16 +209,7 @@ def _check_logit_bias(bias: dict[str, int] | None) -> None:
                 f"logit_bias.{token}",
                 "invalid_type",
             )
-        if not -100 <= value <= 100:
-            word, sign, limit = (
-                ("above maximum", "<=", 100) if value > 0 else ("below minimum", ">=", -100)
-            )
-            raise _invalid(
-                f"Invalid 'logit_bias.{token}': integer {word} value. Expected a value "
-                f"{sign} {limit}, but got {value} instead.",
-                f"logit_bias.{token}",
-                "integer_above_max_value" if value > 0 else "integer_below_min_value",
-            )
+        check_range(value, -100, 100, f"logit_bias.{token}")
 
 
 def _check_response_format(fmt: dict[str, Any] | None) -> None:

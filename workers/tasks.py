@@ -99,6 +99,19 @@ async def end_stream(rt: Runtime, key: str, entry: dict[Any, Any]) -> None:
         await pipe.execute()
 
 
+def _answering(rt: Runtime, claimed: jobs.ClaimedJob) -> shaping.Answering:
+    """How a claimed job's answer is labelled and shaped."""
+    return shaping.Answering.for_request(
+        claimed.request,
+        id=claimed.id,
+        model=claimed.model,
+        created=claimed.created,
+        system_fingerprint=rt.system_fingerprint,
+        metadata=claimed.metadata,
+        batch_id=claimed.batch_id,
+    )
+
+
 @app.task(name=CHAT_COMPLETION_TASK)
 def chat_completion(job_id: str) -> None:
     """Run one chat completion job to its end."""
@@ -110,14 +123,7 @@ def chat_completion(job_id: str) -> None:
         return
     body = claimed.request
     stream = bool(body.get("stream"))
-    answering = shaping.Answering.for_request(
-        body,
-        id=claimed.id,
-        model=claimed.model,
-        created=claimed.created,
-        system_fingerprint=rt.system_fingerprint,
-        metadata=claimed.metadata,
-    )
+    answering = _answering(rt, claimed)
     fields = shaping.engine_fields(body, stream)
     try:
         if stream:
@@ -164,15 +170,7 @@ def chat_completion_batch(job_ids: list[str]) -> None:
     assert rt is not None, "the worker has not installed its runtime"
     running: dict[str, tuple[shaping.Answering, concurrent.futures.Future]] = {}
     for claimed in jobs.claim_many(rt.sessions, job_ids, rt.worker_id):
-        answering = shaping.Answering.for_request(
-            claimed.request,
-            id=claimed.id,
-            model=claimed.model,
-            created=claimed.created,
-            system_fingerprint=rt.system_fingerprint,
-            metadata=claimed.metadata,
-            batch_id=claimed.batch_id,
-        )
+        answering = _answering(rt, claimed)
         fields = {
             **shaping.engine_fields(claimed.request, stream=False),
             "priority": BATCH_PRIORITY,

@@ -73,7 +73,7 @@ async def create_chat_completion(
     job = await (completions.wait(ctx, job) if replayed else completions.run_and_wait(ctx, job))
     # Stored already in OpenAI's exact shape: sent as it is, not re-serialized with nulls.
     return JSONResponse(
-        completions.result_of(job), background=BackgroundTask(stored.mark_delivered, ctx, job.id)
+        completions.result_of(job), background=BackgroundTask(stored.mark_delivered, ctx, job)
     )
 
 
@@ -107,10 +107,10 @@ async def retrieve_chat_completion(
 ) -> JSONResponse:
     """Retrieves a chat completion: its status while queued or running, in full once done."""
     job = await stored.get_visible(session, key, completion_id)
-    done = job.status.is_final and not job.store
+    done = job.status.is_final
     return JSONResponse(
         stored.view(job),
-        background=BackgroundTask(stored.mark_delivered, ctx, job.id) if done else None,
+        background=BackgroundTask(stored.mark_delivered, ctx, job) if done else None,
     )
 
 

@@ -7,7 +7,6 @@ from sqlalchemy import select
 from api import files, stored
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
-from core.errors import InvalidRequestError
 from core.tables import StoredFile
 
 router = APIRouter(prefix="/v1", tags=["files"])
@@ -34,16 +33,7 @@ async def list_files(
     after: str | None = None,
 ) -> dict[str, Any]:
     """Lists the project's files."""
-    if not 1 <= limit <= 10000:
-        raise InvalidRequestError(
-            "'limit' must be from 1 to 10000.", param="limit", code="invalid_value"
-        )
-    if order not in ("asc", "desc"):
-        raise InvalidRequestError(
-            f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'.",
-            param="order",
-            code="invalid_value",
-        )
+    stored.check_page(limit, order, max_limit=10000)
     query = select(StoredFile).where(
         StoredFile.project == key.project, StoredFile.deleted_at.is_(None)
     )
@@ -56,7 +46,7 @@ async def list_files(
         query = query.where(position > cut if order == "asc" else position < cut)  # type: ignore[operator]
     ordering = [c.asc() if order == "asc" else c.desc() for c in position]
     rows = (await session.scalars(query.order_by(*ordering).limit(limit + 1))).all()
-    return stored.page([files.view(f) for f in rows], limit)
+    return stored.page([files.view(f) for f in rows[:limit]], len(rows) > limit)
 
 
 @router.get("/files/{file_id}", responses=ERROR_RESPONSES)
