@@ -45,8 +45,12 @@ setup: install services model db
 run: setup ## serve the API on :8000 with one worker; prints an API key
 	@scripts/run-local.sh
 
+.PHONY: browser
+browser: ## headless Chromium for the dashboard's test (Debian's package), if it is missing
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 .PHONY: test
-test: setup ## run the whole suite (unit, API, end to end on the real stack)
+test: setup browser ## run the whole suite (unit, API, end to end on the real stack)
 	$(PY) -m pytest
 
 .PHONY: lint
@@ -63,6 +67,7 @@ check: lint test ## lint, then the whole suite
 bench: setup ## benches: throughput against vLLM alone, batching, first token, lists, ingestion
 	$(PY) -m bench.throughput
 	$(PY) -m bench.latency
+	$(PY) -m bench.queue_overhead
 	$(PY) -m bench.concurrency
 	$(PY) -m bench.streaming
 	$(PY) -m bench.stored_list

@@ -10,10 +10,18 @@ from fastapi import FastAPI
 
 from api import batches, stored
 from api.auth import BearerAuth
+from api.cache import TtlCache
 from api.context import ApiContext
 from api.errors import install_error_handlers
+from api.limits import install_limits
+from api.metrics import HttpMetrics
+from api.openapi import install_openapi
+from api.reconciler import Reconciler
 from api.routes import batches as batch_routes
 from api.routes import chat, files, health, models
+from api.routes import dashboard as dashboard_routes
+from api.routes import metrics as metrics_routes
+from api.shutdown import AnswerWhenCutOff
 from api.waiter import JobWaiter
 from core.db import async_engine, async_sessions
 from core.queue import make_celery
@@ -40,7 +48,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = async_engine(settings.database_url, settings.db_pool_size)
         redis = aioredis.from_url(settings.redis_url, health_check_interval=10)
-        waiter = JobWaiter(redis)
+        lookups = TtlCache(settings.lookup_cache_seconds)
+        waiter = JobWaiter(redis, lookups.clear)
         await waiter.start()
         app.state.ctx = ApiContext(
             settings=settings,
@@ -49,10 +58,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             redis=redis,
             celery=make_celery(settings, "ferry-api"),
             waiter=waiter,
+            lookups=lookups,
         )
         loops = [
             asyncio.create_task(_purge_now_and_then(app.state.ctx)),
             asyncio.create_task(batches.tend_forever(app.state.ctx)),
+            asyncio.create_task(Reconciler(app.state.ctx).forever()),
         ]
         try:
             yield
@@ -69,11 +80,20 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    # Inside auth: a request without a valid key is refused before its body is read.
+    install_limits(app, settings)
+    # A request the shutdown cuts off gets OpenAI's 503 rather than uvicorn's bare 500.
+    app.add_middleware(AnswerWhenCutOff)
     app.add_middleware(BearerAuth)
+    # Outside auth: the requests it refuses are counted too.
+    app.add_middleware(HttpMetrics)
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(files.router)
     app.include_router(batch_routes.router)
+    app.include_router(metrics_routes.router)
+    app.include_router(dashboard_routes.router)
     return app

@@ -46,12 +46,14 @@ class BearerAuth:
         if scheme.lower() != "bearer" or not token:
             raise MissingApiKeyError(_NO_KEY)
         ctx = scope["app"].state.ctx
+        digest = hash_key(token)
+        key = ctx.lookups.get(("key", digest))
+        if key is not None:
+            return key
         try:
             async with ctx.sessions() as session:
                 key = await session.scalar(
-                    select(ApiKey).where(
-                        ApiKey.key_hash == hash_key(token), ApiKey.revoked_at.is_(None)
-                    )
+                    select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
                 )
         except Exception as exc:
             raise ServiceUnavailableError(
@@ -60,6 +62,7 @@ class BearerAuth:
         if key is None:
             shown = f"{token[:8]}...{token[-4:]}" if len(token) > 12 else "***"
             raise AuthenticationError(f"Incorrect API key provided: {shown}.")
+        ctx.lookups.put(("key", digest), key)
         return key
 
 

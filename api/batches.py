@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import anyio
@@ -35,20 +36,24 @@ from core.errors import (
     error_envelope,
 )
 from core.ids import new_id
-from core.queue import BATCH_PROGRESS_CHANNEL, BATCH_TASK, JOB_CANCEL_CHANNEL, queue_for
+from core.queue import BATCH_PROGRESS_CHANNEL, JOB_CANCEL_CHANNEL, send_jobs
+from core.settings import ApiSettings
 from core.tables import ApiKey, Batch, BatchLineError, BatchStatus, Job, JobStatus, ServedModel
-from core.validation import check_metadata, check_range, check_request
+from core.validation import (
+    check_json_text,
+    check_metadata,
+    check_range,
+    check_request,
+    check_storable,
+    unstorable,
+)
 from core.wire import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
 
 ENDPOINT = "/v1/chat/completions"
 WINDOWS = {"24h": timedelta(hours=24)}
-MAX_LINES = 50_000
-MAX_LINE_BYTES = 1 << 20
 INSERT_ROWS = 1000
-# Job ids per task: enough to keep many requests in the engine from one message.
-CHUNK = 32
 # Batches whose jobs run, or whose files are still to be written.
 UNFINISHED = (BatchStatus.in_progress, BatchStatus.cancelling, BatchStatus.finalizing)
 _TIMES = (
@@ -112,16 +117,28 @@ async def create(
     return batch
 
 
-def _parse(raw: bytes, seen: set[str]) -> tuple[str, ChatCompletionRequest]:
+def _parse(raw: bytes, seen: set[str], settings: ApiSettings) -> tuple[str, ChatCompletionRequest]:
     """One input line as (custom_id, request); LineError if it is not a valid one."""
-    if len(raw) > MAX_LINE_BYTES:
-        raise LineError(f"The line is longer than {MAX_LINE_BYTES} bytes.", "line_too_long")
+    limit = settings.max_batch_line_bytes
+    if len(raw) > limit:
+        raise LineError(
+            f"The line is longer than {limit} bytes, the most a batch line may hold.",
+            "line_too_long",
+        )
+    try:
+        check_json_text(raw, settings.max_json_depth)
+    except FerryError as exc:
+        raise LineError(exc.message, exc.code or "invalid_json") from None
     try:
         line = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise LineError(f"The line is not valid JSON: {exc}.", "invalid_json") from exc
     if not isinstance(line, dict):
         raise LineError("The line is not a JSON object.", "invalid_json")
+    try:
+        check_storable(line)
+    except FerryError as exc:
+        raise LineError(exc.message, exc.code or "invalid_value", exc.param) from None
     custom_id = line.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise LineError("The line has no 'custom_id'.", "missing_required_parameter", "custom_id")
@@ -146,7 +163,7 @@ def _parse(raw: bytes, seen: set[str]) -> tuple[str, ChatCompletionRequest]:
     if body.stream:
         raise LineError("Batch requests cannot be streamed.", "invalid_value", "body.stream")
     try:
-        check_request(body)
+        check_request(body, settings)
     except FerryError as exc:
         raise LineError(exc.message, exc.code or "invalid_request", f"body.{exc.param}") from exc
     return custom_id, body
@@ -157,7 +174,7 @@ async def ingest(ctx: ApiContext, batch_id: str) -> None:
     try:
         await _ingest(ctx, batch_id)
     except Exception:
-        log.exception("batch %s: validation failed", batch_id)
+        log.exception("batch %s: validation failed", batch_id, extra={"batch_id": batch_id})
         await _fail(ctx, batch_id, "internal_error", "The batch could not be validated.")
 
 
@@ -182,12 +199,17 @@ async def _ingest(ctx: ApiContext, batch_id: str) -> None:
         jobs.clear()
         errors.clear()
 
-    async for raw in files.lines(ctx.sessions, batch.input_file_id):
+    async for raw in files.lines(
+        ctx.sessions, batch.input_file_id, ctx.settings.max_batch_line_bytes
+    ):
         counts["lines"] += 1
         number = counts["lines"]
-        if number > MAX_LINES:
+        if number > ctx.settings.batch_max_lines:
             await _fail(
-                ctx, batch_id, "too_many_requests", f"A batch holds at most {MAX_LINES} lines."
+                ctx,
+                batch_id,
+                "too_many_requests",
+                f"A batch holds at most {ctx.settings.batch_max_lines} lines.",
             )
             return
         if not raw.strip():
@@ -195,7 +217,7 @@ async def _ingest(ctx: ApiContext, batch_id: str) -> None:
             continue
         custom_id = None
         try:
-            custom_id, body = _parse(raw, seen)
+            custom_id, body = _parse(raw, seen, ctx.settings)
             model = models.get(body.model)
             if model is None:
                 raise LineError(
@@ -275,28 +297,24 @@ async def _ingest(ctx: ApiContext, batch_id: str) -> None:
 
 
 def _custom_id_of(raw: bytes) -> str | None:
+    """The custom_id of a line that failed, if it has one that can be stored."""
     try:
-        value = json.loads(raw).get("custom_id")
+        value = json.loads(raw.decode("utf-8", "replace")).get("custom_id")
     except Exception:
         return None
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, str) and unstorable(value) is None else None
 
 
 async def _dispatch(ctx: ApiContext, by_model: dict[str, list[str]]) -> None:
-    """Send the jobs to their models' queues, CHUNK ids per message."""
+    """Send the jobs to their models' batch queues, BATCH_CHUNK ids per message.
 
-    def send_all() -> None:
-        with ctx.celery.producer_or_acquire() as producer:
-            for model, ids in by_model.items():
-                for i in range(0, len(ids), CHUNK):
-                    ctx.celery.send_task(
-                        BATCH_TASK,
-                        args=[ids[i : i + CHUNK]],
-                        queue=queue_for(model),
-                        producer=producer,
-                    )
-
-    await anyio.to_thread.run_sync(send_all)
+    Should this fail (or the process die first), the reconciler sends them.
+    """
+    jobs = [(job_id, model, True) for model, ids in by_model.items() for job_id in ids]
+    try:
+        await anyio.to_thread.run_sync(partial(send_jobs, ctx.celery, jobs))
+    except Exception as exc:
+        log.warning("could not enqueue batch jobs (%s); the reconciler will send them", exc)
 
 
 async def _first_line_errors(ctx: ApiContext, batch_id: str) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -15,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api import stored
+from api.cache import TtlCache
 from api.context import ApiContext, in_background
 from core import capabilities
 from core.errors import (
@@ -25,10 +27,12 @@ from core.errors import (
     ServiceUnavailableError,
 )
 from core.ids import new_id
-from core.queue import CHAT_COMPLETION_TASK, queue_for, stream_key
+from core.queue import send_jobs, stream_key
 from core.tables import ApiKey, Job, JobStatus, ServedModel
 from core.validation import check_request
 from core.wire import ChatCompletionRequest
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -43,6 +47,7 @@ async def submit(
     key: ApiKey,
     body: ChatCompletionRequest,
     idempotency_key: str | None = None,
+    lookups: TtlCache | None = None,
 ) -> tuple[Job, bool]:
     """Check `body` and persist a new job for it, committed before anything is enqueued.
 
@@ -50,9 +55,13 @@ async def submit(
     body differs).
     """
     check_request(body)
-    model = await session.get(ServedModel, body.model)
+    model = lookups.get(("model", body.model)) if lookups is not None else None
     if model is None:
-        raise ModelNotFoundError(body.model)
+        model = await session.get(ServedModel, body.model)
+        if model is None:
+            raise ModelNotFoundError(body.model)
+        if lookups is not None:
+            lookups.put(("model", body.model), model)
     capabilities.check(body, model.capabilities)
     request = body.model_dump(mode="json", exclude_unset=True)
     digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
@@ -102,16 +111,21 @@ async def _first_attempt(
 
 
 async def enqueue(ctx: ApiContext, job: Job) -> None:
-    """Send the job's task to its model's queue."""
-    send = partial(
-        ctx.celery.send_task, CHAT_COMPLETION_TASK, args=[job.id], queue=queue_for(job.model)
-    )
+    """Send the job's task to its model's queue.
+
+    The job is committed first; if the broker cannot take the message now, the reconciler sends
+    it again once the job has waited in the queue for its grace period, so the job still runs.
+    """
+    send = partial(send_jobs, ctx.celery, [(job.id, job.model, False)])
     try:
         await anyio.to_thread.run_sync(send)
     except Exception as exc:
-        raise ServiceUnavailableError(
-            f"The job queue is unavailable; request {job.id} was saved and stays queued."
-        ) from exc
+        log.warning(
+            "could not enqueue job %s (%s); the reconciler will send it",
+            job.id,
+            exc,
+            extra={"job_id": job.id},
+        )
 
 
 async def _wait(ctx: ApiContext, job: Job, attempt: Callable[[float], Awaitable[T | None]]) -> T:

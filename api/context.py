@@ -2,13 +2,14 @@
 
 import asyncio
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
+from api.cache import TtlCache
 from api.waiter import JobWaiter
 from core.queue import WORKERS_KEY, WorkerBeat, live_beats
 from core.settings import ApiSettings
@@ -22,6 +23,8 @@ class ApiContext:
     redis: aioredis.Redis
     celery: Celery
     waiter: JobWaiter
+    # API keys by hash and served models by name, read once per FERRY_LOOKUP_CACHE_SECONDS.
+    lookups: TtlCache = field(default_factory=lambda: TtlCache(0))
 
     async def live_workers(self) -> list[WorkerBeat]:
         """Workers whose heartbeat is fresh; stale entries are dropped on the way."""

@@ -1,12 +1,13 @@
 """Every error leaves the API in OpenAI's envelope, with OpenAI's status and code."""
 
+import json
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import FerryError, error_envelope
@@ -125,8 +126,16 @@ def describe(error: dict[str, Any]) -> tuple[str, str | None, str | None]:
     return f"Invalid type for {where}: {error['msg'].lower()}.", param, "invalid_type"
 
 
+class _ErrorJSONResponse(JSONResponse):
+    """JSON in ASCII: a message that quotes the request may quote an unpaired surrogate, which
+    has no UTF-8 form but has a JSON escape."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def _response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _ErrorJSONResponse(body, status_code=status, headers=headers)
 
 
 async def _ferry_error(_: Request, exc: Exception) -> JSONResponse:
@@ -174,6 +183,24 @@ async def _database_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _unstorable_value(_: Request, exc: Exception) -> JSONResponse:
+    """A value the database refuses (a NUL character, an unpaired surrogate, a number out of
+    range) is the request's fault: 400, and the transaction holding it was rolled back."""
+    if isinstance(exc, DataError):
+        detail = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
+    else:
+        detail = str(exc)
+    return _response(
+        400,
+        error_envelope(
+            f"The request holds a value that cannot be stored: {detail}.",
+            "invalid_request_error",
+            None,
+            "invalid_value",
+        ),
+    )
+
+
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return _response(
@@ -186,5 +213,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(DataError, _unstorable_value)
+    app.add_exception_handler(UnicodeEncodeError, _unstorable_value)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -10,12 +10,12 @@ from fastapi import UploadFile
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.errors import FerryError, InvalidRequestError, NotFoundError
+from api.limits import file_too_large
+from core.errors import InvalidRequestError, NotFoundError
 from core.ids import new_id
 from core.tables import ApiKey, FileChunk, StoredFile
 
 CHUNK = 1 << 20
-MAX_UPLOAD_BYTES = 200 * (1 << 20)
 PURPOSES = ("batch",)
 
 
@@ -33,9 +33,9 @@ def view(file: StoredFile) -> dict[str, Any]:
 
 
 async def upload(
-    sessions: async_sessionmaker, key: ApiKey, upload: UploadFile, purpose: str
+    sessions: async_sessionmaker, key: ApiKey, upload: UploadFile, purpose: str, max_bytes: int
 ) -> StoredFile:
-    """Store an uploaded file chunk by chunk."""
+    """Store an uploaded file chunk by chunk; 413 past `max_bytes`."""
     if purpose not in PURPOSES:
         raise InvalidRequestError(
             f"Invalid value: '{purpose}'. Supported values are: 'batch'.",
@@ -55,14 +55,8 @@ async def upload(
         seq = size = 0
         while data := await upload.read(CHUNK):
             size += len(data)
-            if size > MAX_UPLOAD_BYTES:
-                raise FerryError(
-                    f"The file is larger than {MAX_UPLOAD_BYTES >> 20} MB.",
-                    status_code=413,
-                    type="invalid_request_error",
-                    param="file",
-                    code="file_too_large",
-                )
+            if size > max_bytes:
+                raise file_too_large(max_bytes)
             await session.execute(insert(FileChunk).values(file_id=file.id, seq=seq, data=data))
             seq += 1
         file.bytes = size
@@ -136,16 +130,35 @@ async def chunks(sessions: async_sessionmaker, file_id: str) -> AsyncIterator[by
         seq += len(rows)
 
 
-async def lines(sessions: async_sessionmaker, file_id: str) -> AsyncIterator[bytes]:
-    """A file's lines (without their line ends), read a chunk at a time."""
+async def lines(
+    sessions: async_sessionmaker, file_id: str, max_line: int | None = None
+) -> AsyncIterator[bytes]:
+    """A file's lines (without their line ends), read a chunk at a time.
+
+    A line longer than `max_line` bytes comes cut to its first `max_line + 1`: enough to tell it
+    is too long, without holding all of it.
+    """
     rest = b""
+    cut = False
     async for data in chunks(sessions, file_id):
-        parts = (rest + data).split(b"\n")
-        rest = parts.pop()
+        parts = data.split(b"\n")
+        last = parts.pop()
         for part in parts:
-            yield part.rstrip(b"\r")
-    if rest:
-        yield rest.rstrip(b"\r")
+            if not cut:
+                yield _line(rest + part, max_line)
+            rest, cut = b"", False
+        if not cut:
+            rest += last
+            if max_line is not None and len(rest) > max_line + 1:
+                yield rest[: max_line + 1]
+                rest, cut = b"", True
+    if rest and not cut:
+        yield _line(rest, max_line)
+
+
+def _line(raw: bytes, max_line: int | None) -> bytes:
+    raw = raw.rstrip(b"\r")
+    return raw if max_line is None else raw[: max_line + 1]
 
 
 async def remove(session: AsyncSession, key: ApiKey, file_id: str) -> dict[str, Any]:

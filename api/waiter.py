@@ -7,18 +7,22 @@ event here before its job is enqueued, so no notification can slip past it; noth
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import redis.asyncio as aioredis
 
-from core.queue import JOB_DONE_CHANNEL
+from core.queue import JOB_DONE_CHANNEL, LOOKUPS_CHANGED_CHANNEL
 
 log = logging.getLogger(__name__)
 
 
 class JobWaiter:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, lookups_changed: Callable[[], None] = lambda: None
+    ) -> None:
+        """`lookups_changed` is called when keys or models change (and after a reconnection)."""
         self._redis = redis
+        self._lookups_changed = lookups_changed
         self._events: dict[str, set[asyncio.Event]] = {}
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -62,14 +66,20 @@ class JobWaiter:
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(JOB_DONE_CHANNEL)
+                    await pubsub.subscribe(JOB_DONE_CHANNEL, LOOKUPS_CHANGED_CHANNEL)
                     self._subscribed.set()
                     # Jobs may have ended while the subscription was down: let waiters look.
                     self._wake_all()
+                    self._lookups_changed()
                     async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            data = message["data"]
-                            self._wake(data.decode() if isinstance(data, bytes) else data)
+                        if message["type"] != "message":
+                            continue
+                        channel = message["channel"]
+                        if channel in (LOOKUPS_CHANGED_CHANNEL, LOOKUPS_CHANGED_CHANNEL.encode()):
+                            self._lookups_changed()
+                            continue
+                        data = message["data"]
+                        self._wake(data.decode() if isinstance(data, bytes) else data)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

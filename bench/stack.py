@@ -47,6 +47,8 @@ class Stack:
     log_dir: Path = ROOT / "test-artifacts"
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[subprocess.Popen] = field(default_factory=list)
+    # Each worker's Prometheus port, by its name in start_worker.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def database_url(self) -> str:
@@ -107,26 +109,43 @@ class Stack:
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.log_dir.mkdir(exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+        # A session of its own: killing its group takes the engine's processes with it.
         proc = subprocess.Popen(
-            [*FERRY, *args], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            [*FERRY, *args],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.processes.append(proc)
         return proc
 
     def start_api(self, **env: str) -> subprocess.Popen:
+        return self.start_api_on(self.port, "api", **env)
+
+    def start_api_on(self, port: int, name: str, **env: str) -> subprocess.Popen:
+        """Start an API process on `port` (its log: `name`.log) serving this stack's data."""
         proc = self._spawn(
-            "api", ["api", "--port", str(self.port), "--log-level", "WARNING"], self.env(**env)
+            name, ["api", "--port", str(port), "--log-level", "WARNING"], self.env(**env)
         )
-        wait_until_up(f"{self.base_url}/healthz", proc, "the API", timeout=60)
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", proc, f"the API ({name})", timeout=60)
         return proc
 
     def start_worker(self, name: str = "worker", *args: str, **env: str) -> subprocess.Popen:
         """Start a worker; it takes requests once `wait_for_workers` says so."""
-        defaults = {"FERRY_ENFORCE_EAGER": "true", "FERRY_MAX_NUM_SEQS": "64"}
-        return self._spawn(name, ["worker", *args], self.env(**{**defaults, **env}))
+        defaults = {
+            "FERRY_ENFORCE_EAGER": "true",
+            "FERRY_MAX_NUM_SEQS": "64",
+            # Workers on one host each need a port of their own.
+            "FERRY_METRICS_PORT": str(free_port()),
+        }
+        env = {**defaults, **env}
+        self.metrics_ports[name] = int(env["FERRY_METRICS_PORT"])
+        return self._spawn(name, ["worker", *args], self.env(**env))
 
     def wait_for_workers(self, count: int = 1, timeout: float = 300) -> None:
-        """Block until `count` live workers beat in Redis."""
+        """Block until `count` of this stack's running workers beat in Redis."""
         import redis
 
         from core.queue import WORKERS_KEY, live_beats
@@ -134,14 +153,30 @@ class Stack:
         client = redis.Redis.from_url(self.redis_url)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            running = {p.pid for p in self.processes if p.poll() is None}
             live, _ = live_beats(client.hgetall(WORKERS_KEY), ttl=15)
-            if len(live) >= count:
+            if len([beat for beat in live if beat.pid in running]) >= count:
                 return
             for proc in self.processes:
-                if proc.poll() is not None and proc.args[len(FERRY)] == "worker":
+                # Not counting workers stopped (0), killed (-9) or left by their engine (3).
+                exited = proc.poll() not in (None, 0, -9, 3)
+                if exited and proc.args[len(FERRY)] == "worker":
                     raise RuntimeError("a worker exited at start; see test-artifacts/*.log")
             time.sleep(0.5)
         raise RuntimeError(f"{count} worker(s) did not come up within {timeout:g} s")
+
+    def worker_process(self, worker_id: str) -> subprocess.Popen:
+        """The process of a worker, by the id it records on the jobs it runs."""
+        pid = int(worker_id.rsplit("-", 1)[1])
+        return next(p for p in self.processes if p.pid == pid)
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """kill -9 a process and everything it started, as a crashed host would."""
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def stop(self, timeout: float = 30) -> None:
         for proc in reversed(self.processes):
@@ -151,8 +186,7 @@ class Stack:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                self.kill(proc)
         self.processes.clear()
 
 
@@ -168,3 +202,27 @@ def running_stack(**kwargs) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
+
+
+FINAL_BATCH_STATES = ("completed", "failed", "expired", "cancelled")
+
+
+def run_batch(client, lines: list[dict], poll: float = 0.2, timeout: float = 3600):
+    """Upload `lines` as a batch input file and run it to its end through the API.
+
+    Returns the final batch and the seconds from `batches.create` until it ended.
+    """
+    import io
+    import json
+
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    file = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    started = time.perf_counter()
+    batch = client.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    while (batch := client.batches.retrieve(batch.id)).status not in FINAL_BATCH_STATES:
+        if time.perf_counter() - started > timeout:
+            raise TimeoutError(f"batch {batch.id} still {batch.status} after {timeout:g} s")
+        time.sleep(poll)
+    return batch, time.perf_counter() - started

@@ -10,7 +10,6 @@ Prints output tokens/s of each and the ratios c/a and c/b.
 """
 
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -105,7 +104,7 @@ def ferry(lines: list[dict]) -> tuple[float, int]:
     """(c): from batch creation until completion, and output tokens."""
     import openai
 
-    from bench.stack import running_stack
+    from bench.stack import run_batch, running_stack
 
     with running_stack(database="ferry_bench", redis_db=14) as stack:
         key = stack.create_key("bench")
@@ -113,20 +112,7 @@ def ferry(lines: list[dict]) -> tuple[float, int]:
         client.chat.completions.create(
             model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
         )  # warm-up
-        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-        file = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
-        started = time.perf_counter()
-        batch = client.batches.create(
-            input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
-        while (batch := client.batches.retrieve(batch.id)).status not in (
-            "completed",
-            "failed",
-            "expired",
-            "cancelled",
-        ):
-            time.sleep(0.2)
-        seconds = time.perf_counter() - started
+        batch, seconds = run_batch(client, lines)
         assert batch.status == "completed" and batch.request_counts.completed == len(lines)
         assert batch.usage is not None
         return seconds, batch.usage.output_tokens

@@ -1,7 +1,6 @@
 """The `ferry` command: serve the API, run a worker, migrate, prepare the model, manage keys."""
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -9,10 +8,15 @@ from core.settings import DEFAULT_MODEL, CoreSettings
 
 
 def _configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Every line through one handler: JSON objects, or text with FERRY_LOG_FORMAT=text."""
+    from core import logs
+
+    logs.configure(level, json=CoreSettings().log_format == "json")
 
 
 def cmd_api(args: argparse.Namespace) -> None:
+    import math
+
     import uvicorn
 
     from api.app import create_app
@@ -27,7 +31,10 @@ def cmd_api(args: argparse.Namespace) -> None:
         host=host,
         port=port,
         log_level=args.log_level.lower(),
-        timeout_graceful_shutdown=30,
+        # No logging config of uvicorn's own: its error and access lines reach core.logs' handler.
+        log_config=None,
+        # On SIGTERM: no new connections; requests in flight get this long to finish.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_seconds),
     )
 
 
@@ -138,7 +145,21 @@ def cmd_keys_revoke(args: argparse.Namespace) -> None:
         ).rowcount
     if not done:
         sys.exit(f"no active key {args.id}")
+    _lookups_changed()
     print(f"revoked {args.id}")
+
+
+def _lookups_changed() -> None:
+    """Tell API processes to forget the keys they cached (else they do within seconds)."""
+    import redis
+
+    from core.queue import LOOKUPS_CHANGED_CHANNEL
+    from core.settings import CoreSettings
+
+    try:
+        redis.Redis.from_url(CoreSettings().redis_url).publish(LOOKUPS_CHANGED_CHANNEL, "keys")
+    except redis.RedisError as exc:
+        print(f"(Redis unreachable: {exc}; API processes see the change within seconds)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -3,21 +3,30 @@
 The API sends tasks by name; it never imports the workers' code.
 """
 
+import base64
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from celery import Celery
 
 from core.settings import CoreSettings
 
 CHAT_COMPLETION_TASK = "ferry.chat_completion"
-# A chunk of a batch's jobs, by id, run together in the engine at batch priority.
+# A chunk of a batch's jobs, by id, run together in the engine at batch priority. Chunks go to
+# their own queue, which a worker pulls from only while its engine has room for another chunk:
+# a batch spreads over every worker serving its model.
 BATCH_TASK = "ferry.chat_completion_batch"
+BATCH_CHUNK = 32
 # Workers publish a batch id here when some of its jobs end; the API finalizes done batches.
 BATCH_PROGRESS_CHANNEL = "ferry:batches:progress"
 # Workers publish a job id here when its job reaches a final state.
 JOB_DONE_CHANNEL = "ferry:jobs:done"
+# Published when an API key is revoked or a model (re)announced: API processes drop what they
+# cached of keys and models.
+LOOKUPS_CHANGED_CHANNEL = "ferry:lookups:changed"
 # The API publishes a job id here to cancel it; the worker running it aborts it in the engine.
 JOB_CANCEL_CHANNEL = "ferry:jobs:cancel"
 # A streamed job's chunks: entries {"chunk": JSON} ..., then {"done": "1"} or
@@ -30,6 +39,74 @@ WORKERS_KEY = "ferry:workers"
 def queue_for(model: str) -> str:
     """The Celery queue a model's jobs go to; every worker serving the model consumes it."""
     return f"ferry.model.{model}"
+
+
+def batch_queue_for(model: str) -> str:
+    """The queue of a model's batch chunks."""
+    return f"ferry.batch.{model}"
+
+
+# Kombu's Redis transport: a queue is a list per priority step; messages a consumer holds but
+# has not acknowledged sit in a hash (with their delivery time in a sorted set).
+_PRIORITY_SUFFIXES = ["", "\x06\x163", "\x06\x166", "\x06\x169"]
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+
+
+def broker_lists(model: str) -> list[str]:
+    """The Redis lists holding a model's pending messages."""
+    return [
+        name + suffix
+        for name in (queue_for(model), batch_queue_for(model))
+        for suffix in _PRIORITY_SUFFIXES
+    ]
+
+
+def job_ids_in_message(raw: bytes | str) -> list[str]:
+    """The job ids a Celery message (as kombu stores it in Redis) carries; [] if not ours."""
+    try:
+        message = json.loads(raw)
+        if isinstance(message, list):  # an unacknowledged entry: [message, exchange, key]
+            message = message[0]
+        task = message.get("headers", {}).get("task")
+        body: Any = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return []
+    if task == CHAT_COMPLETION_TASK:
+        return [args[0]]
+    if task == BATCH_TASK:
+        return list(args[0])
+    return []
+
+
+def send_jobs(celery: Celery, jobs: Iterable[tuple[str, str, bool]]) -> None:
+    """Send (job id, model, is batch work) to their queues over one connection.
+
+    Interactive jobs go one per message; batch jobs BATCH_CHUNK per message.
+    """
+    chunks: dict[str, list[str]] = {}
+    with celery.producer_or_acquire() as producer:
+        for job_id, model, batch in jobs:
+            if not batch:
+                celery.send_task(
+                    CHAT_COMPLETION_TASK, args=[job_id], queue=queue_for(model), producer=producer
+                )
+                continue
+            chunk = chunks.setdefault(model, [])
+            chunk.append(job_id)
+            if len(chunk) == BATCH_CHUNK:
+                _send_chunk(celery, producer, model, chunk)
+                chunks[model] = []
+        for model, chunk in chunks.items():
+            if chunk:
+                _send_chunk(celery, producer, model, chunk)
+
+
+def _send_chunk(celery: Celery, producer: Any, model: str, ids: list[str]) -> None:
+    celery.send_task(BATCH_TASK, args=[ids], queue=batch_queue_for(model), producer=producer)
 
 
 def stream_key(job_id: str) -> str:
@@ -50,6 +127,8 @@ def make_celery(settings: CoreSettings, name: str = "ferry") -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         worker_hijack_root_logger=False,
+        # Print and tracebacks go to the process's own streams, not one log record per write.
+        worker_redirect_stdouts=False,
         worker_send_task_events=False,
         task_default_queue="ferry.default",
     )

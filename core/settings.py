@@ -2,7 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -31,6 +31,13 @@ class CoreSettings(BaseSettings):
     # It must exceed the longest job.
     visibility_timeout_seconds: int = Field(default=7200, gt=0)
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    # A job is failed after this many starts (each worker loss or engine death costs one).
+    max_attempts: int = Field(default=3, ge=1)
+    # On SIGTERM, how long jobs and requests in flight get to finish. The API stops accepting
+    # connections; a worker stops taking jobs, then hands what is left back to the queue.
+    shutdown_timeout_seconds: float = Field(default=30.0, ge=0)
+    # Log lines as JSON objects (ts, level, logger, message, job_id, ...) or as plain text.
+    log_format: Literal["json", "text"] = "json"
 
 
 class ApiSettings(CoreSettings):
@@ -43,6 +50,27 @@ class ApiSettings(CoreSettings):
     # The longest a synchronous request waits for its job.
     sync_timeout_seconds: float = Field(default=600.0, gt=0)
     db_pool_size: int = Field(default=20, ge=1)
+    # API keys and served models are read from Postgres at most once per this many seconds per
+    # API process: a revoked key, or a model's new capabilities, take effect within it.
+    lookup_cache_seconds: float = Field(default=5.0, ge=0)
+    # Limits on what a request may send (413 or 400 past them; see README, "Limits").
+    # A request body, counted as it arrives; POST /v1/files has max_upload_bytes instead.
+    max_request_bytes: int = Field(default=16 << 20, ge=1024)
+    # A file upload (OpenAI allows 512 MB; files are kept in Postgres).
+    max_upload_bytes: int = Field(default=200 << 20, ge=1024)
+    # Messages in one chat completion request, and the characters of all their content.
+    max_messages: int = Field(default=2048, ge=1)
+    max_messages_chars: int = Field(default=4 << 20, ge=1)
+    # Arrays and objects nested in a JSON body or batch line.
+    max_json_depth: int = Field(default=64, ge=2)
+    # One line of a batch input file.
+    max_batch_line_bytes: int = Field(default=1 << 20, ge=1024)
+    # Requests per batch input file (OpenAI's limit is 50,000).
+    batch_max_lines: int = Field(default=50_000, ge=1)
+    # The reconciler's sweep: how often, and how long a queued job may wait with no message in
+    # the broker before it is sent again.
+    reconcile_seconds: float = Field(default=10.0, gt=0)
+    requeue_grace_seconds: float = Field(default=30.0, gt=0)
 
 
 class WorkerSettings(CoreSettings):
@@ -61,6 +89,8 @@ class WorkerSettings(CoreSettings):
     cpu_kv_cache_gib: int = Field(default=2, ge=1)
     enforce_eager: bool = False
     heartbeat_seconds: float = Field(default=5.0, gt=0)
+    # Prometheus metrics served on this port at /metrics; 0 turns them off.
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
     # A chat template file; empty means the model's own (the default model: Ferry's, with tools).
     chat_template: str = ""
     # vLLM's tool-call parser for tool_choice "auto" (e.g. hermes, xlam); empty means none
@@ -68,6 +98,10 @@ class WorkerSettings(CoreSettings):
     tool_call_parser: str = ""
     # Extra engine arguments, as on vLLM's command line, e.g. "--seed 1 --swap-space 4".
     engine_args: str = ""
+    # "vllm", or "fake" (no model: answers after fake_engine_delay_seconds; for
+    # bench/queue_overhead.py only, to measure the queue without the engine).
+    engine: Literal["vllm", "fake"] = "vllm"
+    fake_engine_delay_seconds: float = Field(default=0.0, ge=0)
     # Optional request features the model supports (core.capabilities.KNOWN), e.g. ["reasoning"].
     capabilities: Annotated[list[str], NoDecode] = []
 

@@ -204,6 +204,8 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = _now_column()
+    # When the job last entered its queue (at creation, or when the reconciler sent it again).
+    queued_at: Mapped[datetime] = _now_column()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When the result reached its client; a `store: false` job's content is purged from then on.
@@ -215,7 +217,17 @@ class Job(Base):
 
     __table_args__ = (
         Index("ix_jobs_model_status", "model", "status"),
+        # The reconciler: queued jobs whose message may be lost, running jobs of dead workers.
+        Index("ix_jobs_queued_at", "queued_at", postgresql_where=text("status = 'queued'")),
+        Index("ix_jobs_running_worker", "worker", postgresql_where=text("status = 'running'")),
         Index("ix_jobs_project_created_at", "project", "created_at"),
+        # Throughput over the last minutes (the dashboard), read from the index alone.
+        Index(
+            "ix_jobs_finished_at",
+            "finished_at",
+            postgresql_include=["completion_tokens"],
+            postgresql_where=text("finished_at IS NOT NULL"),
+        ),
         Index(
             "ix_jobs_batch_line",
             "batch_id",

@@ -5,9 +5,12 @@ Each raises InvalidRequestError naming the field's path as OpenAI writes it (`me
 """
 
 import re
+from array import array
+from itertools import accumulate
 from typing import Any
 
 from core.errors import InvalidRequestError
+from core.settings import ApiSettings, api_settings
 from core.wire import ChatCompletionRequest, ChatMessage
 
 MAX_METADATA_PAIRS = 16
@@ -50,8 +53,13 @@ def check_range(value: int, low: int, high: int, param: str) -> None:
     )
 
 
-def check_request(body: ChatCompletionRequest) -> None:
-    """Raise InvalidRequestError for the first rule `body` breaks."""
+def check_request(body: ChatCompletionRequest, settings: ApiSettings | None = None) -> None:
+    """Raise InvalidRequestError for the first rule `body` breaks.
+
+    The limits on messages are `settings`' (the process's own by default).
+    """
+    _check_message_limits(body.messages, settings or api_settings())
+    check_storable(body.model_dump(exclude_unset=True))
     _check_messages(body.messages)
     check_metadata(body.metadata)
     _check_logit_bias(body.logit_bias)
@@ -79,6 +87,39 @@ def check_request(body: ChatCompletionRequest) -> None:
     _check_tool_choice(body.tool_choice, names, "tool_choice", legacy=False)
     legacy_names = _check_functions(body.functions)
     _check_tool_choice(body.function_call, legacy_names, "function_call", legacy=True)
+
+
+def _check_message_limits(messages: list[ChatMessage], settings: ApiSettings) -> None:
+    if len(messages) > settings.max_messages:
+        raise _invalid(
+            f"Invalid 'messages': array too long. Expected an array with maximum length "
+            f"{settings.max_messages}, but got an array with length {len(messages)} instead.",
+            "messages",
+            "array_above_max_length",
+        )
+    chars = sum(_content_chars(message) for message in messages)
+    if chars > settings.max_messages_chars:
+        raise _invalid(
+            f"Invalid 'messages': content too long. Expected at most "
+            f"{settings.max_messages_chars} characters of content across all messages, but got "
+            f"{chars} characters instead.",
+            "messages",
+            "string_above_max_length",
+        )
+
+
+def _content_chars(message: ChatMessage) -> int:
+    """The characters a message gives the model: its text, refusal and tool call arguments."""
+    texts: list[Any] = [message.content, message.refusal]
+    if isinstance(message.content, list):
+        texts = [part.get("text") or part.get("refusal") for part in message.content]
+        texts.append(message.refusal)
+    for call in message.tool_calls or []:
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+            texts.append(call["function"].get("arguments"))
+    if isinstance(message.function_call, dict):
+        texts.append(message.function_call.get("arguments"))
+    return sum(len(text) for text in texts if isinstance(text, str))
 
 
 def _check_messages(messages: list[ChatMessage]) -> None:
@@ -175,6 +216,7 @@ def _check_content(message: ChatMessage, where: str) -> None:
 def check_metadata(metadata: dict[str, str] | None) -> None:
     if metadata is None:
         return
+    check_storable(metadata, "metadata")
     if len(metadata) > MAX_METADATA_PAIRS:
         raise _invalid(
             f"Invalid 'metadata': too many properties. Expected an object with at most "
@@ -310,4 +352,86 @@ def _check_tool_choice(choice: Any, names: set[str], param: str, legacy: bool) -
             f"Invalid value for '{param}': no function named {name!r} is in "
             + ("'functions'." if legacy else "'tools'."),
             param,
+        )
+
+
+# A JSON string, escapes included: brackets inside one do not nest anything.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+# Opening brackets as +1, closing ones as -1 (a signed byte).
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+
+
+def nested_deeper_than(raw: bytes, limit: int) -> bool:
+    """Whether JSON text nests arrays and objects more than `limit` deep, found in linear time
+    without parsing it (a parser's recursion is what deep nesting attacks)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    steps = array("b")
+    steps.frombytes(_JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS).translate(_STEPS))
+    return max(accumulate(steps), default=0) > limit
+
+
+def check_json_text(raw: bytes, max_depth: int) -> None:
+    """Raise InvalidRequestError unless `raw` is UTF-8 nesting at most `max_depth` levels deep;
+    whether it parses is left to the JSON parser."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"The JSON text is not valid UTF-8: byte 0x{raw[exc.start]:02x} at position "
+            f"{exc.start} ({exc.reason}).",
+            code="invalid_encoding",
+        ) from None
+    if nested_deeper_than(raw, max_depth):
+        raise InvalidRequestError(
+            f"The JSON text nests arrays and objects more than {max_depth} levels deep.",
+            code="nesting_too_deep",
+        )
+
+
+def unstorable(value: Any, path: str = "") -> str | None:
+    """Where in `value` (keys included) the first string is that Postgres cannot store, one with
+    a NUL character or an unpaired UTF-16 surrogate (JSON's escapes allow both); None if none."""
+    stack: list[tuple[str, Any]] = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if not _storable(item):
+                return where
+        elif isinstance(item, dict):
+            children = []
+            for key, child in item.items():
+                inner = f"{where}.{key}" if where else str(key)
+                if isinstance(key, str) and not _storable(key):
+                    return inner
+                children.append((inner, child))
+            stack.extend(reversed(children))
+        elif isinstance(item, list):
+            stack.extend(reversed([(f"{where}[{i}]", child) for i, child in enumerate(item)]))
+    return None
+
+
+def _storable(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_storable(value: Any, path: str = "") -> None:
+    """Raise InvalidRequestError naming the first string in `value` that cannot be stored."""
+    where = unstorable(value, path)
+    if where is not None:
+        # The path may hold the very surrogate: escaped, so that the error itself can be sent.
+        where = where.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise _invalid(
+            f"Invalid '{where}': the text holds a NUL character or an unpaired UTF-16 surrogate, "
+            "which cannot be stored.",
+            where,
         )

@@ -6,7 +6,9 @@ Reference: OpenAI's OpenAPI document, `docs/openai-openapi.yaml` (`CreateChatCom
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+
+from core import request_schemas as schemas
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -36,7 +38,7 @@ class ChatCompletionRequest(_Strict):
     """`CreateChatCompletionRequest`: what `POST /v1/chat/completions` accepts."""
 
     # ModelResponseProperties
-    metadata: dict[str, str] | None = None
+    metadata: Annotated[dict[str, str], WithJsonSchema(schemas.METADATA)] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
@@ -46,7 +48,9 @@ class ChatCompletionRequest(_Strict):
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: dict[str, Any] | None = None
     # CreateChatCompletionRequest
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[
+        list[Annotated[ChatMessage, WithJsonSchema(schemas.MESSAGE)]], Field(min_length=1)
+    ]
     model: str = Field(min_length=1)
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     modalities: list[Literal["text", "audio"]] | None = None
@@ -56,24 +60,35 @@ class ChatCompletionRequest(_Strict):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     web_search_options: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: Annotated[dict[str, Any], WithJsonSchema(schemas.RESPONSE_FORMAT)] | None = (
+        None
+    )
     audio: dict[str, Any] | None = None
     store: bool | None = None
     moderation: dict[str, Any] | None = None
     stream: bool | None = None
     stop: str | Annotated[list[str], Field(min_length=1, max_length=4)] | None = None
-    logit_bias: dict[str, int] | None = None
+    logit_bias: Annotated[dict[str, int], WithJsonSchema(schemas.LOGIT_BIAS)] | None = None
     logprobs: bool | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     n: int | None = Field(default=None, ge=1, le=128)
     prediction: dict[str, Any] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    stream_options: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    stream_options: Annotated[dict[str, Any], WithJsonSchema(schemas.STREAM_OPTIONS)] | None = None
+    tools: Annotated[list[dict[str, Any]], WithJsonSchema(schemas.TOOLS)] | None = None
+    tool_choice: Annotated[str | dict[str, Any], WithJsonSchema(schemas.TOOL_CHOICE)] | None = None
     parallel_tool_calls: bool | None = None
-    function_call: str | dict[str, Any] | None = None
-    functions: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=128)] | None = None
+    function_call: (
+        Annotated[str | dict[str, Any], WithJsonSchema(schemas.FUNCTION_CHOICE)] | None
+    ) = None
+    functions: (
+        Annotated[
+            list[dict[str, Any]],
+            Field(min_length=1, max_length=128),
+            WithJsonSchema(schemas.FUNCTIONS),
+        ]
+        | None
+    ) = None
 
 
 # Engines send null where OpenAI's schema has an empty list or object.
@@ -241,3 +256,177 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[Model]
+
+
+# What the other routes answer with, for the OpenAPI document (the routes send dicts of these
+# shapes; a schema check in the suite holds them to it). Extra fields are allowed, as in the spec.
+
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class StoredChatCompletion(ChatCompletion):
+    """A stored completion: `ChatCompletion` with its `status` (no choices until it succeeds) and
+    OpenAI's error object once it has failed."""
+
+    status: JobStatusName
+    error: ErrorBody | None = None
+
+
+class ChatCompletionList(BaseModel):
+    """`ChatCompletionList`."""
+
+    object: Literal["list"] = "list"
+    data: list[StoredChatCompletion]
+    first_id: str
+    last_id: str
+    has_more: bool
+
+
+class ChatCompletionDeleted(BaseModel):
+    """`ChatCompletionDeleted`."""
+
+    object: Literal["chat.completion.deleted"] = "chat.completion.deleted"
+    id: str
+    deleted: bool
+
+
+class StoredMessage(BaseModel):
+    """One message of a stored completion's request (`ChatCompletionMessageList`'s items)."""
+
+    id: str
+    role: Role
+    content: str | None
+    refusal: str | None = None
+    name: str | None = None
+    content_parts: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+
+
+class ChatCompletionMessageList(BaseModel):
+    """`ChatCompletionMessageList`."""
+
+    object: Literal["list"] = "list"
+    data: list[StoredMessage]
+    first_id: str
+    last_id: str
+    has_more: bool
+
+
+class FileObject(BaseModel):
+    """`OpenAIFile`."""
+
+    id: str
+    bytes: int
+    created_at: int
+    expires_at: int | None = None
+    filename: str
+    object: Literal["file"] = "file"
+    purpose: Literal["batch", "batch_output"]
+    status: Literal["uploaded", "processed", "error"]
+
+
+class FileList(BaseModel):
+    """`ListFilesResponse`."""
+
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str
+    last_id: str
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    """`DeleteFileResponse`."""
+
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class BatchError(BaseModel):
+    """`BatchError`: why a line, or the whole batch, failed."""
+
+    code: str | None = None
+    message: str | None = None
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchError]
+
+
+class BatchRequestCounts(BaseModel):
+    """`BatchRequestCounts`."""
+
+    total: int
+    completed: int
+    failed: int
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
+class BatchUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+BatchStatusName = Literal[
+    "validating",
+    "failed",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "expired",
+    "cancelling",
+    "cancelled",
+]
+
+
+class BatchObject(BaseModel):
+    """`Batch`."""
+
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    model: str | None = None
+    errors: BatchErrors | None = None
+    input_file_id: str
+    completion_window: str
+    status: BatchStatusName
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: BatchRequestCounts | None = None
+    usage: BatchUsage | None = None
+    metadata: dict[str, str] | None = None
+
+
+class BatchList(BaseModel):
+    """`ListBatchesResponse`."""
+
+    object: Literal["list"] = "list"
+    data: list[BatchObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool

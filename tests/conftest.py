@@ -1,5 +1,6 @@
 """The suite's stack: one database, one API and one real worker (vLLM) per test session."""
 
+import os
 from collections.abc import Iterator
 
 import httpx
@@ -14,10 +15,28 @@ from core.settings import DEFAULT_MODEL
 MODEL = DEFAULT_MODEL
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fault tests (they kill workers, restart Redis, stop Postgres) run after all the others."""
+    items.sort(key=lambda item: item.get_closest_marker("faults") is not None)
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     """A migrated test database, the API, and a worker that starts loading at once."""
-    stack = Stack(extra_env={"FERRY_NO_WORKER_WAIT_SECONDS": "2"})
+    # FERRY_TEST_DATABASE / FERRY_TEST_REDIS_DB let two suites share one Postgres and Redis.
+    stack = Stack(
+        database=os.environ.get("FERRY_TEST_DATABASE", "ferry_test"),
+        redis_db=int(os.environ.get("FERRY_TEST_REDIS_DB", "15")),
+        extra_env={
+            "FERRY_NO_WORKER_WAIT_SECONDS": "2",
+            # Faults are found and repaired within seconds rather than the defaults' half minute.
+            "FERRY_RECONCILE_SECONDS": "1",
+            "FERRY_REQUEUE_GRACE_SECONDS": "5",
+            "FERRY_WORKER_TTL_SECONDS": "6",
+            "FERRY_HEARTBEAT_SECONDS": "1",
+            "FERRY_SHUTDOWN_TIMEOUT_SECONDS": "8",
+        },
+    )
     stack.reset()
     try:
         stack.start_worker()

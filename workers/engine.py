@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import threading
 from collections.abc import AsyncIterator, Coroutine
@@ -64,8 +65,8 @@ def engine_argv(settings: WorkerSettings, model_path: str) -> list[str]:
     return argv + shlex.split(settings.engine_args)
 
 
-class EngineHost:
-    """Owns the engine, its event loop thread, and vLLM's chat serving object."""
+class LoopHost:
+    """An asyncio loop in a background thread that task threads hand coroutines to."""
 
     def __init__(self, settings: WorkerSettings, model_path: str) -> None:
         self.settings = settings
@@ -75,18 +76,58 @@ class EngineHost:
             target=self._loop.run_forever, name="engine-loop", daemon=True
         )
         self._stack = contextlib.AsyncExitStack()
+        self.dead = threading.Event()
+
+    def start(self) -> None:
+        """Open the engine; returns when it takes requests."""
+        self._thread.start()
+        self._call(self._open())
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> "concurrent.futures.Future[T]":
+        """Start `coro` on the engine's loop; cancelling the future aborts it in the engine."""
+        if self.dead.is_set():
+            coro.close()
+            raise EngineDead("the engine has stopped")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the engine's loop; blocks the calling (task) thread, not the engine."""
+        return self.submit(coro).result()
+
+    async def complete(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """One chat completion, as vLLM's response dict (on the engine loop)."""
+        raise NotImplementedError
+
+    def stream(self, request_id: str, fields: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """One streamed chat completion: vLLM's chunk dicts as they come (on the engine loop)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Shut the engine down and stop the loop."""
+        with contextlib.suppress(Exception):
+            self._call(self._stack.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+class EngineHost(LoopHost):
+    """Owns the vLLM engine and vLLM's chat serving object, on the loop thread."""
+
+    def __init__(self, settings: WorkerSettings, model_path: str) -> None:
+        super().__init__(settings, model_path)
         self._engine: Any = None
         self._chat: Any = None
-        self.dead = threading.Event()
 
     def start(self) -> None:
         """Load the model and warm the engine; returns when it takes requests."""
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kv_cache_gib))
-        self._thread.start()
-        self._call(self._open())
-
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        super().start()
 
     async def _open(self) -> None:
         from starlette.datastructures import State
@@ -103,17 +144,6 @@ class EngineHost:
         state = State()
         await init_app_state(self._engine, state, args, await self._engine.get_supported_tasks())
         self._chat = state.openai_serving_chat
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> "concurrent.futures.Future[T]":
-        """Start `coro` on the engine's loop; cancelling the future aborts it in the engine."""
-        if self.dead.is_set():
-            coro.close()
-            raise EngineDead("the engine has stopped")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the engine's loop; blocks the calling (task) thread, not the engine."""
-        return self.submit(coro).result()
 
     async def complete(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         """One chat completion, as vLLM's response dict (on the engine loop)."""
@@ -137,7 +167,12 @@ class EngineHost:
                     chunk = json.loads(payload)
                     if "error" in chunk:
                         error = chunk["error"]
-                        raise engine_error(error.get("message", ""), int(error.get("code") or 500))
+                        raise engine_error(
+                            error.get("message", ""),
+                            int(error.get("code") or 500),
+                            error.get("param"),
+                            self.settings.max_model_len,
+                        )
                     yield chunk
 
     async def _create(self, request_id: str, fields: dict[str, Any]) -> Any:
@@ -153,7 +188,12 @@ class EngineHost:
             raise InvalidRequestError(first["msg"], param=param) from exc
         result = await self._chat.create_chat_completion(request)
         if isinstance(result, ErrorResponse):
-            raise engine_error(result.error.message, result.error.code)
+            raise engine_error(
+                result.error.message,
+                result.error.code,
+                result.error.param,
+                self.settings.max_model_len,
+            )
         return result
 
     @contextlib.asynccontextmanager
@@ -168,18 +208,15 @@ class EngineHost:
             raise EngineDead(str(exc)) from exc
         except VLLMClientError as exc:
             # The message without vLLM's "(parameter=..., value=...)" suffix.
-            raise engine_error(str(exc.args[0]) if exc.args else str(exc), 400) from exc
-
-    def abort(self, request_id: str) -> None:
-        """Stop a request inside the engine."""
-        self._call(self._engine.abort(request_id))
+            raise engine_error(
+                str(exc.args[0]) if exc.args else str(exc),
+                400,
+                getattr(exc, "parameter", None),
+                self.settings.max_model_len,
+            ) from exc
 
     def close(self) -> None:
-        """Shut the engine down and stop the loop."""
-        with contextlib.suppress(Exception):
-            self._call(self._stack.aclose())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        super().close()
         kill_engine_processes()
 
 
@@ -192,9 +229,46 @@ def kill_engine_processes() -> None:
             child.kill()
 
 
-def engine_error(message: str, status: int) -> FerryError:
-    """vLLM's error as Ferry's: the same message, with OpenAI's type and code for the status."""
-    if 400 <= status < 500:
-        code = "context_length_exceeded" if "context length" in message.lower() else None
-        return FerryError(message, status_code=status, type="invalid_request_error", code=code)
-    return FerryError(message, status_code=status, type="server_error", code="engine_error")
+# vLLM refuses an output budget larger than the whole context, whatever the prompt.
+_OUTPUT_OVER_CONTEXT = re.compile(
+    r"(max_completion_tokens|max_tokens)=(\d+) cannot be greater than max_model_len=(\d+)"
+)
+# vLLM's budget once it has cut max_tokens to the room the prompt leaves: none at all.
+_NO_ROOM = "max_tokens must be at least 1, got 0"
+
+
+def engine_error(
+    message: str, status: int, param: str | None = None, context_length: int | None = None
+) -> FerryError:
+    """vLLM's error as Ferry's, with OpenAI's type, code and param for what it says.
+
+    vLLM cuts `max_tokens` to the room the prompt leaves in the context; what it still refuses
+    reads as OpenAI words it: an output budget over the whole context names its field, and a
+    prompt that leaves no room for one token is `context_length_exceeded`, as a longer one is.
+    """
+    if not 400 <= status < 500:
+        return FerryError(message, status_code=status, type="server_error", code="engine_error")
+    if too_many := _OUTPUT_OVER_CONTEXT.search(message):
+        field, asked, most = too_many.groups()
+        return InvalidRequestError(
+            f"{field} is too large: {asked}. This model supports at most {most} completion "
+            f"tokens (its whole context), whereas you provided {asked}.",
+            param=field,
+            code="invalid_value",
+            status_code=status,
+        )
+    if message.startswith(_NO_ROOM):
+        length = f" is {context_length} tokens" if context_length else ""
+        return InvalidRequestError(
+            f"This model's maximum context length{length}. However, your messages fill all of "
+            "it, leaving no room for a completion token. Please reduce the length of the "
+            "messages.",
+            param="messages",
+            code="context_length_exceeded",
+            status_code=status,
+        )
+    if "context length" in message.lower():
+        return InvalidRequestError(
+            message, param="messages", code="context_length_exceeded", status_code=status
+        )
+    return InvalidRequestError(message, param=param, status_code=status)

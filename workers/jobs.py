@@ -1,9 +1,9 @@
-"""A job's life in the database, seen from the worker: claim, succeed, fail."""
+"""A job's life in the database, seen from the worker: claim, then store results."""
 
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, bindparam, case, func, null, update
+from sqlalchemy import CursorResult, Table, and_, bindparam, case, func, null, or_, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,11 +30,15 @@ def claim(sessions: sessionmaker[Session], job_id: str, worker: str) -> ClaimedJ
 def claim_many(
     sessions: sessionmaker[Session], job_ids: list[str], worker: str
 ) -> list[ClaimedJob]:
-    """Mark the jobs that have not ended running, in one statement."""
+    """Mark the queued jobs among `job_ids` running here, in one statement.
+
+    Only queued jobs are claimed: a message delivered twice, or sent again by the reconciler,
+    finds its job running elsewhere or ended and does nothing.
+    """
     with sessions.begin() as session:
         rows = session.execute(
             update(Job)
-            .where(Job.id.in_(job_ids), Job.status.in_([JobStatus.queued, JobStatus.running]))
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.queued)
             .values(
                 status=JobStatus.running,
                 started_at=func.now(),
@@ -54,64 +58,76 @@ def claim_many(
     return [ClaimedJob(*row) for row in rows]
 
 
-def succeed(sessions: sessionmaker[Session], job_id: str, response: dict[str, Any]) -> bool:
-    """Store the completion; False if the job had already ended (nothing is written twice)."""
-    with sessions.begin() as session:
-        return succeed_in(session, job_id, response)
+@dataclass
+class Outcome:
+    """How one job of a chunk ended: a completion, or an error (envelope and status)."""
+
+    job_id: str
+    response: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    error_status: int | None = None
 
 
-def succeed_in(session: Session, job_id: str, response: dict[str, Any]) -> bool:
-    """`succeed`, within a transaction of the caller's."""
-    usage = response.get("usage") or {}
-    return _finish(
-        session,
-        job_id,
-        [JobStatus.running],
-        status=JobStatus.succeeded,
-        response=response,
-        prompt_tokens=usage.get("prompt_tokens"),
-        completion_tokens=usage.get("completion_tokens"),
-        total_tokens=usage.get("total_tokens"),
+def finish_many(session: Session, outcomes: list[Outcome]) -> int:
+    """Store many jobs' results in two statements (sent in one pipeline); how many were stored."""
+    done = [o for o in outcomes if o.response is not None]
+    failed = [o for o in outcomes if o.response is None and o.error is not None]
+    table = cast(Table, Job.__table__)
+    purged = and_(
+        ~table.c.store, table.c.delivered_at.is_not(None), table.c.idempotency_key.is_(None)
     )
-
-
-def fail(
-    sessions: sessionmaker[Session], job_id: str, status: int, envelope: dict[str, Any]
-) -> bool:
-    """Store the job's error (OpenAI's envelope) and the HTTP status it answers with."""
-    with sessions.begin() as session:
-        return fail_in(session, job_id, status, envelope)
-
-
-def fail_in(session: Session, job_id: str, status: int, envelope: dict[str, Any]) -> bool:
-    """`fail`, within a transaction of the caller's."""
-    return _finish(
-        session,
-        job_id,
-        [JobStatus.queued, JobStatus.running],
-        status=JobStatus.failed,
-        error=envelope,
-        error_status=status,
-    )
-
-
-def _finish(session: Session, job_id: str, from_: list[JobStatus], **values: Any) -> bool:
-    """Move a job from one of `from_` to a final state; False if it was in none of them.
-
-    A `store: false` job whose client has already gone (its stream was cut) keeps no content.
-    """
-    purged = and_(~Job.store, Job.delivered_at.is_not(None), Job.idempotency_key.is_(None))
-    if "response" in values:
-        values["response"] = case(
-            (purged, null()), else_=bindparam("response", values["response"], type_=JSONB)
+    # Queued too: a job handed back (its worker taken for lost) whose first run still finished
+    # keeps that result and is not run again. (No IN here: executemany cannot expand one.)
+    open_ = or_(table.c.status == JobStatus.queued, table.c.status == JobStatus.running)
+    stored = 0
+    if done:
+        statement = (
+            update(table)
+            .where(
+                table.c.id == bindparam("job_id"),
+                open_,
+            )
+            .values(
+                status=JobStatus.succeeded,
+                finished_at=func.now(),
+                request=case((purged, null()), else_=table.c.request),
+                response=case((purged, null()), else_=bindparam("response", type_=JSONB)),
+                prompt_tokens=bindparam("prompt_tokens"),
+                completion_tokens=bindparam("completion_tokens"),
+                total_tokens=bindparam("total_tokens"),
+            )
         )
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(from_))
-        .values(
-            finished_at=func.now(),
-            request=case((purged, null()), else_=Job.request),
-            **values,
+        params = []
+        for o in done:
+            assert o.response is not None
+            usage = o.response.get("usage") or {}
+            params.append(
+                {
+                    "job_id": o.job_id,
+                    "response": o.response,
+                    "prompt_tokens": usage.get("prompt_tokens"),
+                    "completion_tokens": usage.get("completion_tokens"),
+                    "total_tokens": usage.get("total_tokens"),
+                }
+            )
+        stored += cast(CursorResult, session.connection().execute(statement, params)).rowcount
+    if failed:
+        statement = (
+            update(table)
+            .where(
+                table.c.id == bindparam("job_id"),
+                open_,
+            )
+            .values(
+                status=JobStatus.failed,
+                finished_at=func.now(),
+                request=case((purged, null()), else_=table.c.request),
+                error=bindparam("error", type_=JSONB),
+                error_status=bindparam("error_status"),
+            )
         )
-    )
-    return bool(cast(CursorResult, result).rowcount)
+        params = [
+            {"job_id": o.job_id, "error": o.error, "error_status": o.error_status} for o in failed
+        ]
+        stored += cast(CursorResult, session.connection().execute(statement, params)).rowcount
+    return stored

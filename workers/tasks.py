@@ -2,31 +2,41 @@
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
+import queue
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, NoReturn
 
 import redis
 import redis.asyncio as aioredis
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import handback, logs
 from core.errors import CancelledError, EngineError, FerryError
 from core.queue import (
+    BATCH_CHUNK,
     BATCH_PROGRESS_CHANNEL,
     BATCH_TASK,
     CHAT_COMPLETION_TASK,
     JOB_CANCEL_CHANNEL,
     JOB_DONE_CHANNEL,
     STREAM_TTL_SECONDS,
+    batch_queue_for,
     make_celery,
+    send_jobs,
 )
 from core.queue import stream_key as job_stream_key
 from core.settings import WorkerSettings
-from workers import jobs, shaping
-from workers.engine import EngineDead, EngineHost, kill_engine_processes
+from workers import jobs, metrics, shaping
+from workers.engine import EngineDead, LoopHost, kill_engine_processes
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +50,16 @@ class Runtime:
     worker_id: str
     model: str
     system_fingerprint: str
-    engine: EngineHost
+    engine: LoopHost
     sessions: sessionmaker[Session]
     redis: redis.Redis
     # Used only on the engine's loop: stream chunks are written from there.
     stream_redis: aioredis.Redis
+    max_attempts: int = 3
     # Jobs in the engine now, by id: cancelling one's future aborts it.
     inflight: dict[str, concurrent.futures.Future] = field(default_factory=dict)
+    # Set on SIGTERM: take no more work.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self, job_id: str) -> bool:
         """Abort a job if it runs here."""
@@ -119,12 +132,17 @@ def chat_completion(job_id: str) -> None:
     assert rt is not None, "the worker has not installed its runtime"
     claimed = jobs.claim(rt.sessions, job_id, rt.worker_id)
     if claimed is None:
-        log.info("job %s has already ended; skipping", job_id)
+        log.info(
+            "job %s is not queued (ended, or running elsewhere); skipping",
+            job_id,
+            extra=logs.job_fields(job_id, worker=rt.worker_id),
+        )
         return
     body = claimed.request
     stream = bool(body.get("stream"))
     answering = _answering(rt, claimed)
     fields = shaping.engine_fields(body, stream)
+    metrics.job_started()
     try:
         if stream:
             future = rt.engine.submit(relay_stream(rt, job_id, fields, answering))
@@ -136,26 +154,22 @@ def chat_completion(job_id: str) -> None:
         finally:
             rt.inflight.pop(job_id, None)
         response = result if stream else shaping.completion(result, answering)
-        jobs.succeed(rt.sessions, job_id, response)
+        _store_outcomes(rt, [jobs.Outcome(job_id, response)])
         if stream:
             # After the result is stored: a client that sees the end can read it back at once.
             rt.engine.run(end_stream(rt, job_stream_key(job_id), {"done": "1"}))
     except concurrent.futures.CancelledError:
-        log.info("job %s cancelled", job_id)
+        log.info("job %s cancelled", job_id, extra=logs.job_fields(job_id, worker=rt.worker_id))
+        metrics.job_finished("cancelled")
     except EngineDead as exc:
-        log.critical("engine dead while running job %s: %s; exiting", job_id, exc)
-        error = EngineError(f"The engine stopped while running this request: {exc}")
-        jobs.fail(rt.sessions, job_id, error.status_code, error.envelope())
-        rt.redis.publish(JOB_DONE_CHANNEL, job_id)
-        # The process is no use without its engine: exit so that a supervisor restarts it.
-        kill_engine_processes()
-        os._exit(3)
+        die(rt, exc)
     except FerryError as exc:
-        jobs.fail(rt.sessions, job_id, exc.status_code, exc.envelope())
+        _store_outcomes(rt, [jobs.Outcome(job_id, None, exc.envelope(), exc.status_code)])
     except Exception as exc:
-        log.exception("job %s failed", job_id)
+        log.exception("job %s failed", job_id, extra=logs.job_fields(job_id, worker=rt.worker_id))
+        metrics.engine_error()
         error = EngineError(f"The engine failed on this request: {exc}")
-        jobs.fail(rt.sessions, job_id, error.status_code, error.envelope())
+        _store_outcomes(rt, [jobs.Outcome(job_id, None, error.envelope(), error.status_code)])
     rt.redis.publish(JOB_DONE_CHANNEL, job_id)
 
 
@@ -165,48 +179,278 @@ BATCH_PRIORITY = 10
 
 @app.task(name=BATCH_TASK)
 def chat_completion_batch(job_ids: list[str]) -> None:
-    """Run a chunk of a batch's jobs together in the engine; store their results at once."""
+    """A batch chunk that reached the interactive queue (batch chunks have their own queue,
+    pulled by BatchPuller): run it all the same."""
     rt = _runtime
     assert rt is not None, "the worker has not installed its runtime"
-    running: dict[str, tuple[shaping.Answering, concurrent.futures.Future]] = {}
-    for claimed in jobs.claim_many(rt.sessions, job_ids, rt.worker_id):
-        answering = _answering(rt, claimed)
+    chunk = start_chunk(rt, job_ids)
+    if chunk is not None:
+        concurrent.futures.wait([future for _, future in chunk.running.values()])
+        store_results(rt, [(chunk, job_id) for job_id in chunk.running])
+
+
+@dataclass
+class Chunk:
+    """A batch chunk in the engine: its jobs, by id, with how to label each and its future."""
+
+    running: dict[str, tuple[shaping.Answering, concurrent.futures.Future]]
+    message: Any = None
+    # Jobs whose results are not stored yet; the message is acknowledged at 0.
+    left: int = 0
+
+
+def start_chunk(
+    rt: Runtime,
+    job_ids: list[str],
+    on_job_end: Callable[[Chunk, str], None] | None = None,
+    message: Any = None,
+) -> Chunk | None:
+    """Claim a chunk's queued jobs and put them all in the engine; None if none was queued.
+
+    `on_job_end(chunk, job_id)` is called as each job ends (on the engine's loop).
+    """
+    claimed = jobs.claim_many(rt.sessions, job_ids, rt.worker_id)
+    if not claimed:
+        return None
+    chunk = Chunk(running={}, message=message, left=len(claimed))
+    metrics.job_started(len(claimed))
+    for job in claimed:
         fields = {
-            **shaping.engine_fields(claimed.request, stream=False),
+            **shaping.engine_fields(job.request, stream=False),
             "priority": BATCH_PRIORITY,
         }
-        future = rt.engine.submit(rt.engine.complete(claimed.id, fields))
-        rt.inflight[claimed.id] = future
-        running[claimed.id] = (answering, future)
-    outcomes: list[tuple[str, dict[str, Any] | None, FerryError | None]] = []
-    dead: EngineDead | None = None
-    for job_id, (answering, future) in running.items():
         try:
-            outcomes.append((job_id, shaping.completion(future.result(), answering), None))
-        except concurrent.futures.CancelledError:
-            pass
+            future = rt.engine.submit(rt.engine.complete(job.id, fields))
+        except EngineDead as exc:
+            die(rt, exc)
+        rt.inflight[job.id] = future
+        chunk.running[job.id] = (_answering(rt, job), future)
+    if on_job_end is not None:
+        for job_id, (_, future) in chunk.running.items():
+            future.add_done_callback(partial(_ended, on_job_end, chunk, job_id))
+    return chunk
+
+
+def _ended(
+    on_job_end: Callable[[Chunk, str], None], chunk: Chunk, job_id: str, _future: Any
+) -> None:
+    on_job_end(chunk, job_id)
+
+
+def _outcome(job_id: str, answering: shaping.Answering, future: Any) -> jobs.Outcome | None:
+    """A finished job's result or error; None if it was cancelled. Raises EngineDead."""
+    try:
+        return jobs.Outcome(job_id, shaping.completion(future.result(), answering))
+    except concurrent.futures.CancelledError:
+        return None
+    except EngineDead:
+        raise
+    except FerryError as exc:
+        return jobs.Outcome(job_id, None, exc.envelope(), exc.status_code)
+    except Exception as exc:
+        log.exception("job %s failed", job_id, extra=logs.job_fields(job_id, answering.batch_id))
+        metrics.engine_error()
+        error = EngineError(f"The engine failed on this request: {exc}")
+        return jobs.Outcome(job_id, None, error.envelope(), error.status_code)
+
+
+def store_results(rt: Runtime, ended: list[tuple[Chunk, str]]) -> None:
+    """Store the results of ended batch jobs in one transaction, and say so to the API."""
+    outcomes: list[jobs.Outcome] = []
+    dead: EngineDead | None = None
+    batches: set[str] = set()
+    for chunk, job_id in ended:
+        answering, future = chunk.running[job_id]
+        rt.inflight.pop(job_id, None)
+        if answering.batch_id is not None:
+            batches.add(answering.batch_id)
+        try:
+            outcome = _outcome(job_id, answering, future)
         except EngineDead as exc:
             dead = exc
-            outcomes.append((job_id, None, EngineError(f"The engine stopped: {exc}")))
-        except FerryError as exc:
-            outcomes.append((job_id, None, exc))
-        except Exception as exc:
-            log.exception("job %s failed", job_id)
-            outcomes.append(
-                (job_id, None, EngineError(f"The engine failed on this request: {exc}"))
-            )
-        finally:
-            rt.inflight.pop(job_id, None)
-    with rt.sessions.begin() as session:
-        for job_id, response, error in outcomes:
-            if response is not None:
-                jobs.succeed_in(session, job_id, response)
-            elif error is not None:
-                jobs.fail_in(session, job_id, error.status_code, error.envelope())
-    for batch_id in {a.batch_id for a, _ in running.values() if a.batch_id is not None}:
-        rt.redis.publish(BATCH_PROGRESS_CHANNEL, batch_id)
+            continue
+        if outcome is not None:
+            outcomes.append(outcome)
+        else:
+            metrics.job_finished("cancelled")
+    # Even when the engine died: the jobs that did end keep their results.
+    _store_outcomes(rt, outcomes)
     if dead is not None:
-        log.critical("engine dead while running a batch chunk: %s; exiting", dead)
+        die(rt, dead)
+    with contextlib.suppress(redis.RedisError):
+        for batch_id in batches:
+            rt.redis.publish(BATCH_PROGRESS_CHANNEL, batch_id)
+
+
+def _store_outcomes(rt: Runtime, outcomes: list[jobs.Outcome]) -> None:
+    """Store results, trying again while Postgres is away: a finished job's result is kept."""
+    delay = 0.5
+    while outcomes:
+        try:
+            with rt.sessions.begin() as session:
+                jobs.finish_many(session, outcomes)
+            break
+
+        except OperationalError as exc:
+            log.warning("could not store %d results (%s); retrying", len(outcomes), exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    for outcome in outcomes:
+        if outcome.response is not None:
+            metrics.job_finished("succeeded", outcome.response.get("usage"))
+        else:
+            metrics.job_finished("failed")
+
+
+class BatchPuller(threading.Thread):
+    """Pulls batch chunks from the model's batch queue while the engine has room for them.
+
+    A worker holds at most `room` batch jobs, so the chunks of a batch spread over every worker
+    serving the model, and the engine stays full: a chunk is pulled as soon as room frees up,
+    job by job. Results are stored as jobs end, many per transaction (a finisher thread takes
+    whatever has ended since its last write); a chunk's message is acknowledged once all of its
+    results are stored. A worker that dies leaves its messages unacknowledged and its jobs
+    running, which the reconciler hands back.
+    """
+
+    def __init__(self, rt: Runtime, room: int) -> None:
+        super().__init__(name="batch-puller", daemon=True)
+        self.rt = rt
+        self.room = max(room, BATCH_CHUNK)
+        self.in_engine = 0
+        self.changed = threading.Condition()
+        self.ended: queue.Queue[tuple[Chunk, str]] = queue.Queue()
+        self.to_ack: queue.Queue[Any] = queue.Queue()
+        self.chunks = 0
+        self.idle = threading.Event()
+        self.finisher = threading.Thread(target=self._finish, name="batch-finisher", daemon=True)
+
+    def run(self) -> None:
+        self.finisher.start()
+        while True:
+            try:
+                with app.connection_for_read() as conn:
+                    self._pull(conn.default_channel, batch_queue_for(self.rt.model))
+                return
+            except Exception as exc:
+                if self.rt.stopping.is_set() and self.chunks == 0:
+                    self.idle.set()
+                    return
+                log.warning("batch queue unavailable (%s); reconnecting", exc)
+                time.sleep(1)
+
+    def _pull(self, channel: Any, name: str) -> None:
+        while True:
+            self._ack()
+            with self.changed:
+                if self.rt.stopping.is_set():
+                    if self.chunks == 0:
+                        self.idle.set()
+                        return
+                    self.changed.wait(0.2)
+                    continue
+                if self.in_engine + BATCH_CHUNK > self.room:
+                    self.changed.wait(0.2)
+                    continue
+            message = channel.basic_get(name, no_ack=False)
+            if message is None:
+                self.rt.stopping.wait(0.1)
+                continue
+            job_ids = message.decode()[0][0]
+            with self.changed:
+                # Counted up front: the chunk's jobs may end before start_chunk returns.
+                self.chunks += 1
+                self.in_engine += len(job_ids)
+            chunk: Chunk | None = None
+            try:
+                chunk = start_chunk(self.rt, job_ids, self._job_ended, message)
+                if chunk is None:  # all of its jobs had ended or run elsewhere
+                    message.ack()
+            except OperationalError as exc:
+                log.warning("could not claim a batch chunk (%s); handing it back", exc)
+                message.reject(requeue=True)
+                time.sleep(1)
+            with self.changed:
+                self.in_engine -= len(job_ids) - (len(chunk.running) if chunk else 0)
+                if chunk is None:
+                    self.chunks -= 1
+                self.changed.notify_all()
+
+    def _job_ended(self, chunk: Chunk, job_id: str) -> None:
+        self.ended.put((chunk, job_id))
+        with self.changed:
+            self.in_engine -= 1
+            self.changed.notify_all()
+
+    def _finish(self) -> None:
+        while True:
+            ended = [self.ended.get()]
+            while len(ended) < 512:
+                try:
+                    ended.append(self.ended.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                store_results(self.rt, ended)
+            except Exception:
+                log.exception("could not store %d batch results", len(ended))
+            done = []
+            for chunk, _ in ended:
+                chunk.left -= 1
+                if chunk.left == 0:
+                    done.append(chunk)
+            for chunk in done:
+                self.to_ack.put(chunk.message)
+            with self.changed:
+                self.chunks -= len(done)
+                self.changed.notify_all()
+
+    def _ack(self) -> None:
+        while True:
+            try:
+                message = self.to_ack.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                message.ack()
+            except Exception as exc:  # a restarted broker has forgotten the delivery
+                log.info("could not acknowledge a batch chunk: %s", exc)
+
+
+_dying = threading.Lock()
+
+
+def hand_back(rt: Runtime, reason: str) -> None:
+    """Give this worker's running jobs back to the queue (or fail those that cannot run again)."""
+    where = handback.running_on([rt.worker_id])
+    with rt.sessions.begin() as session:
+        given_up = session.execute(handback.give_up(where, rt.max_attempts, reason)).all()
+        requeued = session.execute(handback.requeue(where, rt.max_attempts)).all()
+    log.warning("handed back %d jobs, failed %d: %s", len(requeued), len(given_up), reason)
+    send_jobs(app, [(job_id, model, batch_id is not None) for job_id, model, batch_id in requeued])
+    for job_id, _batch_id, stream in given_up:
+        if stream:
+            error = handback.WorkerLostError(reason)
+            with contextlib.suppress(Exception):
+                rt.redis.xadd(
+                    job_stream_key(job_id),
+                    {"error": json.dumps(error.envelope()), "status": error.status_code},
+                )
+        rt.redis.publish(JOB_DONE_CHANNEL, job_id)
+    batches = {b for _, _, b in requeued if b} | {b for _, b, _ in given_up if b}
+    for batch_id in batches:
+        rt.redis.publish(BATCH_PROGRESS_CHANNEL, batch_id)
+
+
+def die(rt: Runtime, exc: BaseException) -> NoReturn:
+    """The engine is dead: hand back every job of this worker and exit for a supervisor."""
+    with _dying:
+        log.critical("engine dead (%s); handing back jobs and exiting", exc)
+        metrics.engine_error()
+        try:
+            hand_back(rt, "The engine of the worker running this request stopped.")
+        except Exception:
+            log.exception("could not hand back jobs; the reconciler will")
         kill_engine_processes()
         os._exit(3)
 

@@ -6,11 +6,16 @@ from api import batches
 from api.context import in_background
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
+from core.wire import BatchList, BatchObject
 
 router = APIRouter(prefix="/v1", tags=["batches"])
 
 
-@router.post("/batches", responses=ERROR_RESPONSES)
+@router.post(
+    "/batches",
+    response_model=None,
+    responses={200: {"model": BatchObject}, **ERROR_RESPONSES},
+)
 async def create_batch(
     key: ApiKeyDep,
     session: SessionDep,
@@ -26,7 +31,9 @@ async def create_batch(
     return await batches.view(session, batch)
 
 
-@router.get("/batches", responses=ERROR_RESPONSES)
+@router.get(
+    "/batches", response_model=None, responses={200: {"model": BatchList}, **ERROR_RESPONSES}
+)
 async def list_batches(
     key: ApiKeyDep, session: SessionDep, after: str | None = None, limit: int = 20
 ) -> dict[str, Any]:
@@ -34,13 +41,21 @@ async def list_batches(
     return await batches.list_batches(session, key, after, limit)
 
 
-@router.get("/batches/{batch_id}", responses=ERROR_RESPONSES)
+@router.get(
+    "/batches/{batch_id}",
+    response_model=None,
+    responses={200: {"model": BatchObject}, **ERROR_RESPONSES},
+)
 async def retrieve_batch(batch_id: str, key: ApiKeyDep, session: SessionDep) -> dict[str, Any]:
     """Retrieves a batch, with its request counts."""
     return await batches.view(session, await batches.get(session, key, batch_id))
 
 
-@router.post("/batches/{batch_id}/cancel", responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]})
+@router.post(
+    "/batches/{batch_id}/cancel",
+    response_model=None,
+    responses={200: {"model": BatchObject}, **ERROR_RESPONSES, 409: ERROR_RESPONSES[400]},
+)
 async def cancel_batch(
     batch_id: str, key: ApiKeyDep, session: SessionDep, ctx: ContextDep
 ) -> dict[str, Any]:

@@ -8,7 +8,14 @@ from api import completions, stored
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
 from core.errors import InvalidRequestError
-from core.wire import ChatCompletion, ChatCompletionRequest
+from core.wire import (
+    ChatCompletion,
+    ChatCompletionDeleted,
+    ChatCompletionList,
+    ChatCompletionMessageList,
+    ChatCompletionRequest,
+    StoredChatCompletion,
+)
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
@@ -24,7 +31,11 @@ _STREAM_RESPONSE = {
         }
     }
 }
-_OBJECT = {"type": "object", "additionalProperties": True}
+
+
+def _answers(model: type) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route that sends `model`'s shape as a dict, with the errors."""
+    return {200: {"model": model}, **ERROR_RESPONSES}
 
 
 @router.post(
@@ -32,7 +43,10 @@ _OBJECT = {"type": "object", "additionalProperties": True}
     response_model=ChatCompletion,
     responses={
         200: _STREAM_RESPONSE,
-        202: {"description": "With `Prefer: respond-async`: the queued completion to poll"},
+        202: {
+            "model": StoredChatCompletion,
+            "description": "With `Prefer: respond-async`: the queued completion to poll",
+        },
         **ERROR_RESPONSES,
         409: ERROR_RESPONSES[400],
         504: ERROR_RESPONSES[503],
@@ -52,7 +66,7 @@ async def create_chat_completion(
         raise InvalidRequestError(
             "A streamed request cannot also ask for 'Prefer: respond-async'.", param="stream"
         )
-    job, replayed = await completions.submit(session, key, body, idempotency_key)
+    job, replayed = await completions.submit(session, key, body, idempotency_key, ctx.lookups)
     if replayed and body.stream:
         raise InvalidRequestError(
             f"A streamed request is not replayed; retrieve '{job.id}' instead.",
@@ -77,10 +91,7 @@ async def create_chat_completion(
     )
 
 
-@router.get(
-    "/chat/completions",
-    responses={200: {"content": {"application/json": {"schema": _OBJECT}}}, **ERROR_RESPONSES},
-)
+@router.get("/chat/completions", response_model=None, responses=_answers(ChatCompletionList))
 async def list_chat_completions(
     request: Request,
     key: ApiKeyDep,
@@ -101,7 +112,7 @@ async def list_chat_completions(
     )
 
 
-@router.get("/chat/completions/{completion_id}", responses=ERROR_RESPONSES)
+@router.get("/chat/completions/{completion_id}", responses=_answers(StoredChatCompletion))
 async def retrieve_chat_completion(
     completion_id: str, key: ApiKeyDep, session: SessionDep, ctx: ContextDep
 ) -> JSONResponse:
@@ -114,7 +125,11 @@ async def retrieve_chat_completion(
     )
 
 
-@router.post("/chat/completions/{completion_id}", responses=ERROR_RESPONSES)
+@router.post(
+    "/chat/completions/{completion_id}",
+    response_model=None,
+    responses=_answers(StoredChatCompletion),
+)
 async def update_chat_completion(
     completion_id: str,
     key: ApiKeyDep,
@@ -125,7 +140,11 @@ async def update_chat_completion(
     return await stored.update_metadata(session, key, completion_id, metadata)
 
 
-@router.delete("/chat/completions/{completion_id}", responses=ERROR_RESPONSES)
+@router.delete(
+    "/chat/completions/{completion_id}",
+    response_model=None,
+    responses=_answers(ChatCompletionDeleted),
+)
 async def delete_chat_completion(
     completion_id: str, key: ApiKeyDep, session: SessionDep
 ) -> dict[str, Any]:
@@ -133,7 +152,11 @@ async def delete_chat_completion(
     return await stored.delete(session, key, completion_id)
 
 
-@router.get("/chat/completions/{completion_id}/messages", responses=ERROR_RESPONSES)
+@router.get(
+    "/chat/completions/{completion_id}/messages",
+    response_model=None,
+    responses=_answers(ChatCompletionMessageList),
+)
 async def list_chat_completion_messages(
     completion_id: str,
     key: ApiKeyDep,
@@ -150,7 +173,8 @@ async def list_chat_completion_messages(
 
 @router.post(
     "/chat/completions/{completion_id}/cancel",
-    responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]},
+    response_model=None,
+    responses={**_answers(StoredChatCompletion), 409: ERROR_RESPONSES[400]},
 )
 async def cancel_chat_completion(
     completion_id: str, key: ApiKeyDep, session: SessionDep, ctx: ContextDep

@@ -8,22 +8,28 @@ from api import files, stored
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
 from core.tables import StoredFile
+from core.wire import FileDeleted, FileList, FileObject
 
 router = APIRouter(prefix="/v1", tags=["files"])
 
 
-@router.post("/files", responses={**ERROR_RESPONSES, 413: ERROR_RESPONSES[400]})
+@router.post(
+    "/files",
+    response_model=None,
+    responses={200: {"model": FileObject}, **ERROR_RESPONSES, 413: ERROR_RESPONSES[400]},
+)
 async def create_file(
     key: ApiKeyDep,
     ctx: ContextDep,
     file: Annotated[UploadFile, File()],
     purpose: Annotated[str, Form()],
 ) -> dict[str, Any]:
-    """Uploads a file (JSON Lines for batches, up to 200 MB)."""
-    return files.view(await files.upload(ctx.sessions, key, file, purpose))
+    """Uploads a file (JSON Lines for batches, up to 200 MiB unless configured otherwise)."""
+    upload = await files.upload(ctx.sessions, key, file, purpose, ctx.settings.max_upload_bytes)
+    return files.view(upload)
 
 
-@router.get("/files", responses=ERROR_RESPONSES)
+@router.get("/files", response_model=None, responses={200: {"model": FileList}, **ERROR_RESPONSES})
 async def list_files(
     key: ApiKeyDep,
     session: SessionDep,
@@ -49,13 +55,24 @@ async def list_files(
     return stored.page([files.view(f) for f in rows[:limit]], len(rows) > limit)
 
 
-@router.get("/files/{file_id}", responses=ERROR_RESPONSES)
+@router.get(
+    "/files/{file_id}",
+    response_model=None,
+    responses={200: {"model": FileObject}, **ERROR_RESPONSES},
+)
 async def retrieve_file(file_id: str, key: ApiKeyDep, session: SessionDep) -> dict[str, Any]:
     """Retrieves a file object."""
     return files.view(await files.get(session, key, file_id))
 
 
-@router.get("/files/{file_id}/content", responses=ERROR_RESPONSES)
+@router.get(
+    "/files/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/jsonl": {"schema": {"type": "string"}}}},
+        **ERROR_RESPONSES,
+    },
+)
 async def file_content(
     file_id: str, key: ApiKeyDep, session: SessionDep, ctx: ContextDep
 ) -> StreamingResponse:
@@ -68,7 +85,11 @@ async def file_content(
     )
 
 
-@router.delete("/files/{file_id}", responses=ERROR_RESPONSES)
+@router.delete(
+    "/files/{file_id}",
+    response_model=None,
+    responses={200: {"model": FileDeleted}, **ERROR_RESPONSES},
+)
 async def delete_file(file_id: str, key: ApiKeyDep, session: SessionDep) -> dict[str, Any]:
     """Deletes a file."""
     return await files.remove(session, key, file_id)

@@ -1,5 +1,8 @@
+from typing import Literal
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import select, text
 
 from api.deps import ContextDep
@@ -8,13 +11,29 @@ from core.tables import ServedModel
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    # What is not answering: postgres, redis, "worker for model NAME".
+    missing: list[str]
+
+
+@router.get("/healthz", response_model=None, responses={200: {"model": Health}})
 async def healthz() -> dict:
     """The process is alive."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={
+        200: {"model": Readiness},
+        503: {"model": Readiness, "description": "Something it needs is missing"},
+    },
+)
 async def readyz(ctx: ContextDep) -> JSONResponse:
     """Ready when Postgres and Redis answer and every served model has a live worker."""
     missing: list[str] = []

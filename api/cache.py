@@ -1,0 +1,32 @@
+"""A small in-process cache of what every request reads and rarely changes (keys, models)."""
+
+import time
+from typing import Any
+
+
+class TtlCache:
+    """Values kept for `seconds` after they are put; 0 keeps nothing."""
+
+    def __init__(self, seconds: float, size: int = 10_000) -> None:
+        self.seconds = seconds
+        self.size = size
+        self._values: dict[Any, tuple[float, Any]] = {}
+
+    def get(self, key: Any) -> Any | None:
+        found = self._values.get(key)
+        if found is None:
+            return None
+        if found[0] < time.monotonic():
+            del self._values[key]
+            return None
+        return found[1]
+
+    def put(self, key: Any, value: Any) -> None:
+        if self.seconds <= 0:
+            return
+        if len(self._values) >= self.size:
+            self._values.clear()
+        self._values[key] = (time.monotonic() + self.seconds, value)
+
+    def clear(self) -> None:
+        self._values.clear()

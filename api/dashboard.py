@@ -1,0 +1,210 @@
+"""What the dashboard and /metrics show, read at request time from Postgres and Redis.
+
+Every query stays on an index: job counts per (model, status) are one index range each
+(ix_jobs_model_status), a batch's counts come from ix_jobs_batch_status, running jobs per worker
+from ix_jobs_running_worker, and throughput from ix_jobs_finished_at, which carries the tokens.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    String,
+    column,
+    func,
+    or_,
+    select,
+    text,
+    true,
+    values,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.queue import WorkerBeat
+from core.tables import Batch, BatchStatus, Job, JobStatus, ServedModel
+
+# Batches whose jobs may still move (or whose files are being written).
+UNFINISHED = (
+    BatchStatus.validating,
+    BatchStatus.in_progress,
+    BatchStatus.finalizing,
+    BatchStatus.cancelling,
+)
+# Jobs not yet ended.
+LIVE = (JobStatus.queued, JobStatus.running)
+# A batch stays on the dashboard this long after it ended.
+RECENT_SECONDS = 300
+
+
+async def job_counts(
+    session: AsyncSession, statuses: Iterable[JobStatus] = tuple(JobStatus)
+) -> dict[tuple[str, str], int]:
+    """Jobs per (model, status), for every served model and each of `statuses`, zeros included.
+
+    Queued and running jobs are few and cheap to count; the ended ones are most of the table
+    (about 25 ms per million rows and status).
+    """
+    pairs = values(column("status", String), name="statuses").data(
+        [(status.value,) for status in statuses]
+    )
+    # One correlated count per (model, status): an index-only range scan each, where one
+    # GROUP BY would read the whole index.
+    count = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.model == ServedModel.name, Job.status == pairs.c.status)
+        .scalar_subquery()
+    )
+    # The planner cannot tell a status's rows from another's here: its estimate would start JIT
+    # compilation, which costs more than the counts themselves.
+    await session.execute(text("SET LOCAL jit = off"))
+    rows = await session.execute(
+        select(ServedModel.name, pairs.c.status, count).select_from(
+            ServedModel.__table__.join(pairs, true())
+        )
+    )
+    return {(model, status): int(n) for model, status, n in rows}
+
+
+@dataclass
+class BatchProgress:
+    id: str
+    status: str
+    model: str | None
+    created_at: int
+    ended_at: int | None
+    total: int
+    completed: int
+    failed: int
+    running: int
+    metadata: dict[str, str] | None
+
+    def view(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _count(batch_status: JobStatus) -> Any:
+    return (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.batch_id == Batch.id, Job.status == batch_status)
+        .scalar_subquery()
+    )
+
+
+async def batches(
+    session: AsyncSession, project: str | None = None, recent: bool = False, limit: int = 50
+) -> list[BatchProgress]:
+    """Batches not yet ended (newest first), with their request counts as the Batch API gives
+    them: completed = succeeded, failed = failed + invalid lines.
+
+    `project` keeps one project's; `recent` adds those that ended in the last RECENT_SECONDS.
+    """
+    ended = func.coalesce(Batch.completed_at, Batch.failed_at, Batch.expired_at, Batch.cancelled_at)
+    shown: ColumnElement[bool] = Batch.status.in_(UNFINISHED)
+    if recent:
+        shown = or_(shown, ended > func.now() - timedelta(seconds=RECENT_SECONDS))
+    query = select(
+        Batch.id,
+        Batch.status,
+        Batch.model,
+        Batch.created_at,
+        ended,
+        Batch.total,
+        _count(JobStatus.succeeded),
+        _count(JobStatus.failed) + Batch.invalid,
+        _count(JobStatus.running),
+        Batch.metadata_,
+    ).where(shown)
+    if project is not None:
+        query = query.where(Batch.project == project)
+    rows = await session.execute(
+        query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)
+    )
+    return [
+        BatchProgress(
+            id=row[0],
+            status=BatchStatus(row[1]).value,
+            model=row[2],
+            created_at=int(row[3].timestamp()),
+            ended_at=int(row[4].timestamp()) if row[4] is not None else None,
+            total=int(row[5]),
+            completed=int(row[6]),
+            failed=int(row[7]),
+            running=int(row[8]),
+            metadata=row[9],
+        )
+        for row in rows
+    ]
+
+
+async def running_per_worker(session: AsyncSession) -> dict[str, int]:
+    """Running jobs per worker id."""
+    rows = await session.execute(
+        select(Job.worker, func.count())
+        .where(Job.status == JobStatus.running, Job.worker.is_not(None))
+        .group_by(Job.worker)
+    )
+    return {str(worker): int(n) for worker, n in rows}
+
+
+def worker_view(beat: WorkerBeat, running: int) -> dict[str, Any]:
+    return {
+        "id": beat.worker_id,
+        "model": beat.model,
+        "hostname": beat.hostname,
+        "pid": beat.pid,
+        "started_at": beat.started_at,
+        "seen_at": beat.seen_at,
+        "running": running,
+    }
+
+
+def models_view(
+    beats: list[WorkerBeat], counts: dict[tuple[str, str], int]
+) -> list[dict[str, Any]]:
+    """Per model: live workers and its queue (queued and running jobs)."""
+    names = sorted({model for model, _ in counts} | {beat.model for beat in beats})
+    return [
+        {
+            "model": name,
+            "workers": sum(1 for beat in beats if beat.model == name),
+            "queued": counts.get((name, JobStatus.queued.value), 0),
+            "running": counts.get((name, JobStatus.running.value), 0),
+        }
+        for name in names
+    ]
+
+
+async def throughput(
+    session: AsyncSession, minutes: int = 10, bucket_seconds: int = 10
+) -> dict[str, Any]:
+    """Output tokens and completions per `bucket_seconds` over the last `minutes`, oldest first;
+    the last bucket is the one still filling."""
+    now = float(await session.scalar(select(func.extract("epoch", func.now()))) or 0)
+    last = int(now // bucket_seconds)
+    first = last - max(1, (minutes * 60) // bucket_seconds) + 1
+    bucket = func.floor(func.extract("epoch", Job.finished_at) / bucket_seconds).cast(Integer)
+    rows = await session.execute(
+        select(bucket, func.coalesce(func.sum(Job.completion_tokens), 0), func.count())
+        .where(
+            Job.finished_at.is_not(None),
+            Job.finished_at >= func.to_timestamp(first * bucket_seconds),
+            Job.completion_tokens.is_not(None),
+        )
+        .group_by(bucket)
+    )
+    found = {int(k): (int(tokens or 0), int(n)) for k, tokens, n in rows}
+    buckets = [
+        {
+            "start": k * bucket_seconds,
+            "output_tokens": found.get(k, (0, 0))[0],
+            "completions": found.get(k, (0, 0))[1],
+        }
+        for k in range(first, last + 1)
+    ]
+    return {"now": now, "bucket_seconds": bucket_seconds, "buckets": buckets}

@@ -1,0 +1,191 @@
+"""The reconciler: Postgres says what should run; this sweep makes the broker agree.
+
+Every few seconds, in one API process at a time (a Postgres advisory lock decides which):
+- jobs running on a worker whose heartbeat has stopped go back to the queue and are sent again
+  (streamed ones, whose chunks may have reached the client, and those out of attempts fail);
+- queued jobs that have waited past the grace period with no message for them in the broker
+  (never sent because the broker was down, lost with a restarted broker, or held unacknowledged
+  by a worker that died before claiming them) are sent again.
+A message sent twice is harmless: a worker claims only queued jobs.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import anyio
+from sqlalchemy import and_, func, or_, select, text, update
+
+from api.context import ApiContext
+from core import handback
+from core.queue import (
+    BATCH_PROGRESS_CHANNEL,
+    JOB_DONE_CHANNEL,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    broker_lists,
+    job_ids_in_message,
+    send_jobs,
+    stream_key,
+)
+from core.tables import Batch, BatchStatus, Job, JobStatus
+
+log = logging.getLogger(__name__)
+
+# pg_try_advisory_xact_lock key: one sweep at a time across API processes.
+_LOCK = 0x66657279
+# Candidates looked at per sweep; more wait for the next one.
+_MAX_CANDIDATES = 200_000
+
+
+@dataclass
+class Sweep:
+    """What one sweep did."""
+
+    requeued: list[str] = field(default_factory=list)
+    given_up: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(self, ctx: ApiContext) -> None:
+        self.ctx = ctx
+        # The broker's run id, and since when it has been seen: after a restart (an empty
+        # Redis), workers need a heartbeat period to show up again before any is taken for dead.
+        self._broker_run: str | None = None
+        self._broker_since = time.monotonic()
+
+    async def forever(self) -> None:
+        every = self.ctx.settings.reconcile_seconds
+        while True:
+            await asyncio.sleep(every)
+            try:
+                done = await self.sweep()
+            except Exception as exc:
+                log.warning("reconciler sweep failed: %s", exc)
+                continue
+            if done.requeued or done.given_up or done.resent:
+                log.warning(
+                    "reconciler: %d jobs of lost workers requeued, %d failed, %d resent",
+                    len(done.requeued),
+                    len(done.given_up),
+                    len(done.resent),
+                )
+
+    async def sweep(self) -> Sweep:
+        ctx = self.ctx
+        done = Sweep()
+        run_id = (await ctx.redis.info("server")).get("run_id")
+        if run_id != self._broker_run:
+            self._broker_run, self._broker_since = run_id, time.monotonic()
+        live = [beat.worker_id for beat in await ctx.live_workers()]
+        settle = time.monotonic() - self._broker_since >= ctx.settings.worker_ttl_seconds
+        if settle:
+            await self._lost_workers(live, done)
+        await self._lost_messages(done)
+        return done
+
+    async def _lost_workers(self, live: list[str], done: Sweep) -> None:
+        ctx = self.ctx
+        lost = and_(
+            Job.status == JobStatus.running, or_(Job.worker.is_(None), Job.worker.not_in(live))
+        )
+        max_attempts = ctx.settings.max_attempts
+        async with ctx.sessions.begin() as session:
+            if not await session.scalar(select(func.pg_try_advisory_xact_lock(_LOCK))):
+                return
+            given_up = (
+                await session.execute(
+                    handback.give_up(
+                        lost, max_attempts, "The worker running this request was lost."
+                    )
+                )
+            ).all()
+            requeued = (await session.execute(handback.requeue(lost, max_attempts))).all()
+        await self._send(
+            [(job_id, model, batch_id is not None) for job_id, model, batch_id in requeued]
+        )
+        for job_id, _batch_id, stream in given_up:
+            if stream:
+                error = handback.WorkerLostError("The worker running this request was lost.")
+                await ctx.redis.xadd(
+                    stream_key(job_id),
+                    {"error": json.dumps(error.envelope()), "status": error.status_code},
+                )
+            await ctx.redis.publish(JOB_DONE_CHANNEL, job_id)
+        for batch_id in {b for _, _, b in requeued if b} | {b for _, b, _ in given_up if b}:
+            await ctx.redis.publish(BATCH_PROGRESS_CHANNEL, batch_id)
+        done.requeued = [row[0] for row in requeued]
+        done.given_up = [row[0] for row in given_up]
+
+    async def _lost_messages(self, done: Sweep) -> None:
+        ctx = self.ctx
+        grace = ctx.settings.requeue_grace_seconds
+        waited = text(f"now() - interval '{float(grace)} seconds'")
+        async with ctx.sessions() as session:
+            candidates = (
+                await session.execute(
+                    select(Job.id, Job.model, Job.batch_id)
+                    .outerjoin(Batch, Batch.id == Job.batch_id)
+                    .where(
+                        Job.status == JobStatus.queued,
+                        Job.queued_at < waited,
+                        # A batch's jobs are sent once the whole file is validated.
+                        or_(
+                            Job.batch_id.is_(None),
+                            and_(
+                                Batch.status == BatchStatus.in_progress,
+                                Batch.in_progress_at < waited,
+                            ),
+                        ),
+                    )
+                    .limit(_MAX_CANDIDATES)
+                )
+            ).all()
+        if not candidates:
+            return
+        present = await self._in_broker({model for _, model, _ in candidates}, grace)
+        missing = [row for row in candidates if row[0] not in present]
+        if not missing:
+            return
+        async with ctx.sessions.begin() as session:
+            if not await session.scalar(select(func.pg_try_advisory_xact_lock(_LOCK))):
+                return
+            resent = (
+                await session.execute(
+                    update(Job)
+                    .where(Job.id.in_([row[0] for row in missing]), Job.status == JobStatus.queued)
+                    .values(queued_at=func.now())
+                    .returning(Job.id, Job.model, Job.batch_id)
+                )
+            ).all()
+        await self._send(
+            [(job_id, model, batch_id is not None) for job_id, model, batch_id in resent]
+        )
+        done.resent = [row[0] for row in resent]
+
+    async def _in_broker(self, models: set[str], grace: float) -> set[str]:
+        """Ids of the jobs a message in the broker will deliver: waiting in a queue, or held
+        by a consumer for less than the grace period (longer means the consumer is gone)."""
+        redis = self.ctx.redis
+        present: set[str] = set()
+        for model in models:
+            for key in broker_lists(model):
+                for raw in await redis.lrange(key, 0, -1):
+                    present.update(job_ids_in_message(raw))
+        held: dict[Any, Any] = await redis.hgetall(UNACKED_KEY)
+        if held:
+            since = time.time() - grace
+            fresh = set(await redis.zrangebyscore(UNACKED_INDEX_KEY, since, "+inf"))
+            for tag, raw in held.items():
+                if tag in fresh:
+                    present.update(job_ids_in_message(raw))
+        return present
+
+    async def _send(self, jobs: list[tuple[str, str, bool]]) -> None:
+        if jobs:
+            await anyio.to_thread.run_sync(partial(send_jobs, self.ctx.celery, jobs))

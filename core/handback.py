@@ -1,0 +1,87 @@
+"""Jobs whose worker is gone go back to the queue, or fail when they cannot be run again.
+
+Used by a worker handing back its own jobs (shutdown timeout, engine death) and by the API's
+reconciler for the jobs of workers that vanished. Each function returns one UPDATE statement;
+the caller executes it in its own (sync or async) session.
+"""
+
+from typing import Any
+
+from sqlalchemy import ColumnElement, Update, and_, case, func, null, or_, type_coerce, update
+from sqlalchemy.dialects.postgresql import JSONB
+
+from core.errors import FerryError
+from core.tables import Job, JobStatus
+
+
+class WorkerLostError(FerryError):
+    status_code = 503
+    type = "server_error"
+    code = "worker_lost"
+
+
+def streamed() -> ColumnElement[bool]:
+    """Whether a job's request asks for a stream (its chunks may already have reached a client)."""
+    return func.coalesce(type_coerce(Job.request, JSONB)["stream"].as_boolean(), False)
+
+
+def _retryable(max_attempts: int) -> ColumnElement[bool]:
+    return and_(~streamed(), Job.attempts < max_attempts)
+
+
+def running_on(workers: list[str], *, live: bool = False) -> ColumnElement[bool]:
+    """Running jobs of these workers (or, with live=True, of any other worker)."""
+    on = Job.worker.not_in(workers) if live else Job.worker.in_(workers)
+    return and_(Job.status == JobStatus.running, or_(on, Job.worker.is_(None)) if live else on)
+
+
+def requeue(where: ColumnElement[bool], max_attempts: int) -> Update:
+    """Put the retryable jobs among `where` back in the queue.
+
+    RETURNING id, model, batch_id: the caller sends them to their queues again.
+    """
+    return (
+        update(Job)
+        .where(where, _retryable(max_attempts))
+        .values(status=JobStatus.queued, worker=None, queued_at=func.now())
+        .returning(Job.id, Job.model, Job.batch_id)
+    )
+
+
+def give_up(where: ColumnElement[bool], max_attempts: int, reason: str) -> Update:
+    """Fail the jobs among `where` that cannot run again: streamed ones, and those out of attempts.
+
+    RETURNING id, batch_id, stream: the caller ends streams and wakes waiters.
+    """
+    attempts_left = Job.attempts < max_attempts
+    message = case(
+        (
+            attempts_left,
+            f"{reason} The request was streaming and cannot be resumed; send it again.",
+        ),
+        else_=f"{reason} The request was tried {max_attempts} times and is not tried again.",
+    )
+    envelope: Any = func.jsonb_build_object(
+        "error",
+        func.jsonb_build_object(
+            "message",
+            message,
+            "type",
+            WorkerLostError.type,
+            "param",
+            null(),
+            "code",
+            case((attempts_left, WorkerLostError.code), else_="max_attempts_exceeded"),
+        ),
+    )
+    return (
+        update(Job)
+        .where(where, ~_retryable(max_attempts))
+        .values(
+            status=JobStatus.failed,
+            finished_at=func.now(),
+            error=envelope,
+            error_status=case((attempts_left, WorkerLostError.status_code), else_=500),
+        )
+        .returning(Job.id, Job.batch_id, streamed())
+    )

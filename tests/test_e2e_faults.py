@@ -1,0 +1,394 @@
+"""Faults on the real stack: whatever dies or restarts, every accepted job ends exactly once.
+
+These run last (see conftest): they kill workers, restart Redis empty and stop Postgres. The
+session's stack runs its reconciler every second with a 5 s grace and takes a worker silent for
+6 s for dead, so each fault is repaired within seconds.
+"""
+
+import contextlib
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+from sqlalchemy import Engine, text
+
+from bench.stack import ROOT, Stack
+from tests.conftest import MODEL
+from tests.test_e2e_batches import read_jsonl, upload, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+
+ESSAY = [{"role": "user", "content": "Write a very long essay about the sea."}]
+# Greedy decoding counts on and on: a job that outlasts a shutdown timeout.
+COUNTING = [{"role": "user", "content": "Count from 1 to 2000, one number per line."}]
+
+
+def lines(count: int, tag: str, max_tokens: int = 16) -> list[str]:
+    return [
+        json.dumps(
+            {
+                "custom_id": f"{tag}-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": f"Say a word about {i}."}],
+                    "max_tokens": max_tokens,
+                },
+            }
+        )
+        for i in range(count)
+    ]
+
+
+def start_batch(client: openai.OpenAI, count: int, tag: str, max_tokens: int = 16) -> str:
+    file = upload(client, lines(count, tag, max_tokens))
+    batch = client.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    return batch.id
+
+
+def poll(condition: Callable[[], object], seconds: float, what: str, every: float = 0.1) -> object:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if value := condition():
+                return value
+        time.sleep(every)
+    raise AssertionError(f"not within {seconds:g} s: {what}")
+
+
+def one(db: Engine, sql: str, **params: object):
+    with db.connect() as conn:
+        return conn.execute(text(sql), params).one()
+
+
+def assert_exactly_once(client: openai.OpenAI, db: Engine, batch_id: str, count: int, tag: str):
+    """The batch completed; each line is in the output once and only once; no job is open."""
+    done = wait_until(client, batch_id, {"completed", "failed", "cancelled"}, seconds=300)
+    assert done.status == "completed", done
+    assert done.request_counts.total == count
+    assert done.request_counts.completed == count and done.request_counts.failed == 0
+    out = read_jsonl(client, done.output_file_id)
+    seen = Counter(line["custom_id"] for line in out)
+    assert seen == Counter(f"{tag}-{i}" for i in range(count))
+    assert all(line["response"]["status_code"] == 200 for line in out)
+    states = one(
+        db,
+        "SELECT count(*) FILTER (WHERE status = 'succeeded') AS ok, count(*) AS total"
+        " FROM jobs WHERE batch_id = :b",
+        b=batch_id,
+    )
+    assert states.ok == states.total == count
+    return done
+
+
+def workers_of(db: Engine, batch_id: str) -> dict[str, int]:
+    with db.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT worker, count(*) FROM jobs WHERE batch_id = :b AND worker IS NOT NULL"
+                " GROUP BY worker"
+            ),
+            {"b": batch_id},
+        ).all()
+    return {worker: n for worker, n in rows}
+
+
+def services() -> None:
+    subprocess.run([str(ROOT / "scripts" / "services.sh")], check=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def second_worker(live_worker: Stack) -> subprocess.Popen:
+    """A second worker for the suite's model, beside the session's."""
+    proc = live_worker.start_worker("worker-2", FERRY_CPU_KV_CACHE_GIB="1")
+    live_worker.wait_for_workers(2)
+    return proc
+
+
+def test_a_batch_spreads_over_two_workers_and_a_killed_one_loses_nothing(
+    live_worker: Stack, second_worker: subprocess.Popen, client: openai.OpenAI, db: Engine
+) -> None:
+    stack = live_worker
+    batch_id = start_batch(client, 200, "spread", max_tokens=24)
+
+    # Both workers pull chunks of the one batch (each holds at most max_num_seqs + one chunk).
+    poll(lambda: len(workers_of(db, batch_id)) >= 2, 120, "two workers running the batch")
+
+    # kill -9 the second worker (and its engine) once it has finished some jobs and runs others.
+    victim = next(w for w in workers_of(db, batch_id) if str(second_worker.pid) in w)
+
+    def midway() -> bool:
+        row = one(
+            db,
+            "SELECT count(*) FILTER (WHERE status = 'succeeded') AS done,"
+            " count(*) FILTER (WHERE status = 'running') AS running"
+            " FROM jobs WHERE batch_id = :b AND worker = :w",
+            b=batch_id,
+            w=victim,
+        )
+        return row.done > 0 and row.running > 0
+
+    poll(midway, 180, "the second worker midway through its jobs")
+    stack.kill(second_worker)
+    # A new worker takes the dead one's place.
+    stack.start_worker("worker-3", FERRY_CPU_KV_CACHE_GIB="1")
+
+    assert_exactly_once(client, db, batch_id, 200, "spread")
+    handed_back = one(
+        db,
+        "SELECT count(*) AS n FROM jobs WHERE batch_id = :b AND attempts = 2 AND worker <> :w",
+        b=batch_id,
+        w=victim,
+    )
+    assert handed_back.n > 0, "no job of the killed worker was run again elsewhere"
+    stack.wait_for_workers(2)
+
+
+def test_engine_death_ends_the_worker_and_its_job_runs_elsewhere(
+    live_worker: Stack, client: openai.OpenAI, db: Engine
+) -> None:
+    stack = live_worker
+    stack.wait_for_workers(2)
+    answer: dict[str, object] = {}
+
+    def ask() -> None:
+        try:
+            answer["completion"] = client.chat.completions.create(
+                model=MODEL, messages=ESSAY, max_tokens=400, temperature=1.0, store=True
+            )
+        except openai.APIError as exc:
+            answer["error"] = exc
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    running = poll(
+        lambda: one(
+            db,
+            "SELECT id, worker FROM jobs WHERE status = 'running' AND request->'messages' = "
+            "CAST(:m AS jsonb)",
+            m=json.dumps(ESSAY),
+        ),
+        60,
+        "the essay running",
+    )
+    job_id, doomed_id = running  # type: ignore[misc]
+    doomed = stack.worker_process(doomed_id)
+    cores = [
+        p for p in psutil.Process(doomed.pid).children(recursive=True) if "EngineCore" in p.name()
+    ]
+    assert cores, "the worker has no engine core process"
+    for core in cores:
+        core.kill()
+
+    # The worker exits (for a supervisor to restart it) ...
+    assert doomed.wait(60) == 3
+    # ... and its job runs again on the other worker; the waiting client gets its answer.
+    asking.join(240)
+    assert "error" not in answer, answer.get("error")
+    completion = answer["completion"]
+    assert isinstance(completion, openai.types.chat.ChatCompletion)
+    assert completion.id == job_id and completion.choices[0].message.content
+    job = one(db, "SELECT status, attempts, worker FROM jobs WHERE id = :j", j=job_id)
+    assert job.status == "succeeded" and job.attempts == 2 and job.worker != doomed_id
+
+
+def test_redis_restarted_empty_mid_batch_loses_nothing(
+    live_worker: Stack, client: openai.OpenAI, db: Engine
+) -> None:
+    # A second worker again, for the tests after this one; it loads while Redis restarts.
+    live_worker.start_worker("worker-4", FERRY_CPU_KV_CACHE_GIB="1")
+    batch_id = start_batch(client, 120, "redis")
+    poll(
+        lambda: client.batches.retrieve(batch_id).request_counts.completed > 0,
+        180,
+        "some lines completed",
+        every=0.5,
+    )
+    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], check=False, timeout=30)
+    time.sleep(2)
+    services()  # starts Redis again, empty: every queued message and heartbeat is gone
+    assert_exactly_once(client, db, batch_id, 120, "redis")
+    live_worker.wait_for_workers(2)
+
+
+def test_postgres_stopped_answers_503_then_recovers_and_loses_nothing(
+    live_worker: Stack, client: openai.OpenAI, http: httpx.Client, db: Engine
+) -> None:
+    async_ids = []
+    for i in range(6):
+        response = http.post(
+            "/v1/chat/completions",
+            headers={"Prefer": "respond-async"},
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": f"Name a colour ({i})."}],
+                "max_tokens": 48,
+                "store": True,
+            },
+        )
+        assert response.status_code == 202
+        async_ids.append(response.json()["id"])
+    batch_id = start_batch(client, 40, "pg")
+    poll(lambda: client.batches.retrieve(batch_id).status == "in_progress", 60, "batch running")
+
+    cluster = next(iter(sorted(p.name for p in Path("/etc/postgresql").iterdir())))
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "stop", "-m", "fast"],
+        check=True,
+        timeout=60,
+    )
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        for method, path, payload in [
+            ("POST", "/v1/chat/completions", body),
+            ("GET", "/v1/chat/completions", None),
+            ("GET", f"/v1/batches/{batch_id}", None),
+        ]:
+            started = time.monotonic()
+            response = http.request(method, path, json=payload, timeout=30)
+            assert time.monotonic() - started < 15, f"{method} {path} hung"
+            assert response.status_code == 503, (path, response.text)
+            error = response.json()["error"]
+            assert error["type"] == "server_error" and error["message"]
+        time.sleep(3)
+    finally:
+        services()
+
+    # The API recovers by itself.
+    poll(lambda: http.get("/v1/chat/completions").status_code == 200, 60, "the API recovered")
+    assert_exactly_once(client, db, batch_id, 40, "pg")
+    for job_id in async_ids:
+        done = poll(
+            lambda job_id=job_id: (
+                http.get(f"/v1/chat/completions/{job_id}").json()["status"]
+                in ("succeeded", "failed")
+            ),
+            180,
+            f"job {job_id} ended",
+            every=0.5,
+        )
+        assert done
+        assert http.get(f"/v1/chat/completions/{job_id}").json()["status"] == "succeeded"
+
+
+def test_a_job_committed_but_never_enqueued_is_run_by_the_reconciler(
+    live_worker: Stack, api_key: str, http: httpx.Client, db: Engine
+) -> None:
+    assert api_key  # the suite's key, named "suite", owns the job
+    # What an API process that died between its commit and its send leaves behind.
+    job_id = f"chatcmpl-orphan{int(time.time() * 1000)}"
+    request = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16,
+        "store": True,
+    }
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, project, api_key_id, model, status, request, store,"
+                " attempts, created)"
+                " SELECT :id, project, id, :model, 'queued', CAST(:request AS jsonb), true, 0,"
+                " extract(epoch from now())::bigint FROM api_keys WHERE name = 'suite' LIMIT 1"
+            ),
+            {"id": job_id, "model": MODEL, "request": json.dumps(request)},
+        )
+    job = poll(
+        lambda: (
+            row
+            if (row := one(db, "SELECT status, attempts FROM jobs WHERE id = :j", j=job_id)).status
+            in ("succeeded", "failed")
+            else None
+        ),
+        90,
+        "the orphaned job ran",
+        every=0.5,
+    )
+    assert job.status == "succeeded" and job.attempts == 1  # type: ignore[attr-defined]
+    stored = http.get(f"/v1/chat/completions/{job_id}").json()
+    assert "Paris" in stored["choices"][0]["message"]["content"]
+
+
+def test_sigterm_lets_a_worker_finish_short_jobs_and_hand_back_long_ones(
+    live_worker: Stack, client: openai.OpenAI, http: httpx.Client, db: Engine
+) -> None:
+    stack = live_worker
+    stack.wait_for_workers(2)
+    long_answer: dict[str, object] = {}
+
+    def ask_long() -> None:
+        try:
+            long_answer["completion"] = client.chat.completions.create(
+                model=MODEL, messages=COUNTING, max_tokens=1500
+            )
+        except openai.APIError as exc:
+            long_answer["error"] = exc
+
+    asking = threading.Thread(target=ask_long)
+    asking.start()
+    long_job, holder_id = poll(  # type: ignore[misc]
+        lambda: one(
+            db,
+            "SELECT id, worker FROM jobs WHERE status = 'running' AND request->'messages' = "
+            "CAST(:m AS jsonb) AND attempts = 1 AND created_at > now() - interval '1 minute'",
+            m=json.dumps(COUNTING),
+        ),
+        60,
+        "the long job running",
+    )
+    holder = stack.worker_process(holder_id)
+    # Short jobs until one of them runs on the same worker.
+    short_ids: list[str] = []
+
+    def short_on_holder() -> str | None:
+        response = http.post(
+            "/v1/chat/completions",
+            headers={"Prefer": "respond-async"},
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Count to twenty."}],
+                "max_tokens": 48,
+                "store": True,
+            },
+        )
+        short_ids.append(response.json()["id"])
+        time.sleep(0.3)
+        with db.connect() as conn:
+            return conn.execute(
+                text(
+                    "SELECT id FROM jobs WHERE id = ANY(:ids) AND worker = :w"
+                    " AND status = 'running'"
+                ),
+                {"ids": short_ids, "w": holder_id},
+            ).scalar()
+
+    short_job = poll(short_on_holder, 60, "a short job running beside the long one", every=0.2)
+    started = time.monotonic()
+    holder.send_signal(signal.SIGTERM)
+    assert holder.wait(60) == 0
+    # FERRY_SHUTDOWN_TIMEOUT_SECONDS is 8 in the suite: it stopped soon after.
+    assert time.monotonic() - started < 8 + 15
+    # The short job finished on it; the long one was handed back and ran on the other worker.
+    short = one(db, "SELECT status, worker, attempts FROM jobs WHERE id = :j", j=short_job)
+    assert short.status == "succeeded" and short.worker == holder_id and short.attempts == 1
+    asking.join(300)
+    assert "error" not in long_answer, long_answer.get("error")
+    job = one(
+        db,
+        "SELECT status, worker, attempts, completion_tokens FROM jobs WHERE id = :j",
+        j=long_job,
+    )
+    assert job.status == "succeeded" and job.worker != holder_id and job.attempts == 2
+    assert job.completion_tokens == 1500  # it was still counting when it was handed back
