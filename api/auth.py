@@ -1,10 +1,9 @@
 """Bearer-key authentication for every `/v1` route, checked before the body is read."""
 
-import json
-
 from sqlalchemy import select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.errors import send_error
 from core.errors import (
     AuthenticationError,
     FerryError,
@@ -34,7 +33,8 @@ class BearerAuth:
         try:
             key = await self._authenticate(scope)
         except FerryError as exc:
-            await _send_error(send, exc)
+            challenge = [(b"www-authenticate", b"Bearer")] if exc.status_code == 401 else []
+            await send_error(send, exc, *challenge)
             return
         scope.setdefault("state", {})["api_key"] = key
         await self.app(scope, receive, send)
@@ -64,12 +64,3 @@ class BearerAuth:
             raise AuthenticationError(f"Incorrect API key provided: {shown}.")
         ctx.lookups.put(("key", digest), key)
         return key
-
-
-async def _send_error(send: Send, exc: FerryError) -> None:
-    body = json.dumps(exc.envelope()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if exc.status_code == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

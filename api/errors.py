@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from core.errors import FerryError, error_envelope
 from core.wire import ErrorResponse
@@ -217,3 +218,20 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UnicodeEncodeError, _unstorable_value)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected_error)
+
+
+async def send_error(send: Send, error: FerryError, *headers: tuple[bytes, bytes]) -> None:
+    """Answer with `error` in OpenAI's envelope from pure ASGI code (middleware), with `headers`."""
+    body = json.dumps(error.envelope()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -5,13 +5,12 @@ received says so; a JSON body that is not UTF-8 or nests too deep is refused wit
 JSON parser sees it. The routes never run for such a request, so nothing is stored or queued.
 """
 
-import json
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import send_error
 from core.errors import FerryError, InvalidRequestError
 from core.settings import ApiSettings
 from core.validation import check_json_text
@@ -64,13 +63,9 @@ async def _body_too_large(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _refuse(send: Send, error: FerryError) -> None:
-    body = json.dumps(error.envelope()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if error.status_code == 413:
-        # The rest of the body is not read: the connection cannot carry another request.
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    # Past a 413 the rest of the body is not read: the connection cannot carry another request.
+    close = [(b"connection", b"close")] if error.status_code == 413 else []
+    await send_error(send, error, *close)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -8,10 +8,10 @@ touched: it runs to its end on a worker and its result is stored, so that a retr
 """
 
 import asyncio
-import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import send_error
 from core.errors import ServiceUnavailableError
 
 SHUTTING_DOWN = ServiceUnavailableError(
@@ -43,13 +43,5 @@ class AnswerWhenCutOff:
         except asyncio.CancelledError:
             if started:
                 raise
-            body = json.dumps(SHUTTING_DOWN.envelope()).encode()
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", b"1"),
-                (b"connection", b"close"),
-            ]
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, SHUTTING_DOWN, (b"retry-after", b"1"), (b"connection", b"close"))
             # Answered: the cancellation has done what it was for, ending this request.

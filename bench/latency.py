@@ -3,7 +3,9 @@
 Run: `.venv/bin/python -m bench.latency`. For concurrency 1, 8 and 32 it sends non-streamed
 chat requests (fixed prompt, temperature 0, fixed max_tokens) first to vLLM's own OpenAI server,
 then to Ferry (API + one worker), and prints p50/p95 latency, output tokens/s, the p50 Ferry adds
-at concurrency 1, and Ferry's throughput at concurrency 32 as a share of vLLM's.
+at concurrency 1, and Ferry's throughput at concurrency 32 as a share of vLLM's. The latency
+Ferry adds is also measured alone: 100 requests one at a time with max_tokens 2, where the
+engine's own time (and its noise) is smallest.
 """
 
 import argparse
@@ -59,10 +61,14 @@ def vllm_server(path: str) -> Iterator[str]:
         proc.wait(60)
 
 
-def measure(base_url: str, key: str, max_tokens: int, per_thread: int) -> dict[int, tuple]:
+def measure(
+    base_url: str, key: str, max_tokens: int, per_thread: int, short_rounds: int
+) -> dict[int | str, tuple]:
+    """(p50, p95, tok/s) by concurrency; under "short", one at a time with max_tokens 2, where
+    the engine's own time is smallest and what the service adds shows most."""
     client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=300)
 
-    def ask(_: int) -> tuple[float, int]:
+    def ask(_: int, max_tokens: int = max_tokens) -> tuple[float, int]:
         started = time.perf_counter()
         done = client.chat.completions.create(
             model=DEFAULT_MODEL,
@@ -75,7 +81,9 @@ def measure(base_url: str, key: str, max_tokens: int, per_thread: int) -> dict[i
 
     for _ in range(3):
         ask(0)  # warm-up
-    results = {}
+    results: dict[int | str, tuple] = {}
+    short = sorted(ask(0, 2)[0] for _ in range(short_rounds))
+    results["short"] = (statistics.median(short), short[int(len(short) * 0.95) - 1], 0.0)
     for level in LEVELS:
         count = max(level * per_thread, 20 if level == 1 else 0)
         with ThreadPoolExecutor(level) as pool:
@@ -95,16 +103,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--per-thread", type=int, default=4)
+    parser.add_argument("--short-rounds", type=int, default=100)
     args = parser.parse_args()
 
     from workers.model_prep import prepare_default_model
 
     path = str(prepare_default_model(CoreSettings().cache_dir))
     with vllm_server(path) as url:
-        vllm = measure(url, "none", args.max_tokens, args.per_thread)
+        vllm = measure(url, "none", args.max_tokens, args.per_thread, args.short_rounds)
     with running_stack(database="ferry_bench", redis_db=14) as stack:
         key = stack.create_key("bench")
-        ferry = measure(f"{stack.base_url}/v1", key, args.max_tokens, args.per_thread)
+        ferry = measure(
+            f"{stack.base_url}/v1", key, args.max_tokens, args.per_thread, args.short_rounds
+        )
 
     print(f"non-streamed, max_tokens {args.max_tokens}, temperature 0; p50 / p95 latency, tok/s")
     for level in LEVELS:
@@ -115,6 +126,12 @@ def main() -> None:
             f"{f[2]:5.0f} tok/s"
         )
     print(f"p50 Ferry adds at concurrency 1: {(ferry[1][0] - vllm[1][0]) * 1000:.1f} ms")
+    v, f = vllm["short"], ferry["short"]
+    print(
+        f"one at a time, max_tokens 2, {args.short_rounds} requests: vllm serve p50 "
+        f"{v[0] * 1000:.1f} ms, Ferry p50 {f[0] * 1000:.1f} ms: "
+        f"Ferry adds {(f[0] - v[0]) * 1000:.1f} ms (p95 {(f[1] - v[1]) * 1000:.1f} ms)"
+    )
     print(f"throughput at concurrency 32, Ferry / vllm serve: {ferry[32][2] / vllm[32][2]:.2f}")
 
 

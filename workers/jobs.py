@@ -70,38 +70,12 @@ class Outcome:
 
 def finish_many(session: Session, outcomes: list[Outcome]) -> int:
     """Store many jobs' results in two statements (sent in one pipeline); how many were stored."""
-    done = [o for o in outcomes if o.response is not None]
-    failed = [o for o in outcomes if o.response is None and o.error is not None]
-    table = cast(Table, Job.__table__)
-    purged = and_(
-        ~table.c.store, table.c.delivered_at.is_not(None), table.c.idempotency_key.is_(None)
-    )
-    # Queued too: a job handed back (its worker taken for lost) whose first run still finished
-    # keeps that result and is not run again. (No IN here: executemany cannot expand one.)
-    open_ = or_(table.c.status == JobStatus.queued, table.c.status == JobStatus.running)
-    stored = 0
-    if done:
-        statement = (
-            update(table)
-            .where(
-                table.c.id == bindparam("job_id"),
-                open_,
-            )
-            .values(
-                status=JobStatus.succeeded,
-                finished_at=func.now(),
-                request=case((purged, null()), else_=table.c.request),
-                response=case((purged, null()), else_=bindparam("response", type_=JSONB)),
-                prompt_tokens=bindparam("prompt_tokens"),
-                completion_tokens=bindparam("completion_tokens"),
-                total_tokens=bindparam("total_tokens"),
-            )
-        )
-        params = []
-        for o in done:
-            assert o.response is not None
+    succeeded = []
+    failed = []
+    for o in outcomes:
+        if o.response is not None:
             usage = o.response.get("usage") or {}
-            params.append(
+            succeeded.append(
                 {
                     "job_id": o.job_id,
                     "response": o.response,
@@ -110,24 +84,47 @@ def finish_many(session: Session, outcomes: list[Outcome]) -> int:
                     "total_tokens": usage.get("total_tokens"),
                 }
             )
-        stored += cast(CursorResult, session.connection().execute(statement, params)).rowcount
-    if failed:
+        elif o.error is not None:
+            failed.append({"job_id": o.job_id, "error": o.error, "error_status": o.error_status})
+    table = cast(Table, Job.__table__)
+    purged = and_(
+        ~table.c.store, table.c.delivered_at.is_not(None), table.c.idempotency_key.is_(None)
+    )
+    stored = 0
+    for status, params, values in (
+        (
+            JobStatus.succeeded,
+            succeeded,
+            {
+                "response": case((purged, null()), else_=bindparam("response", type_=JSONB)),
+                "prompt_tokens": bindparam("prompt_tokens"),
+                "completion_tokens": bindparam("completion_tokens"),
+                "total_tokens": bindparam("total_tokens"),
+            },
+        ),
+        (
+            JobStatus.failed,
+            failed,
+            {"error": bindparam("error", type_=JSONB), "error_status": bindparam("error_status")},
+        ),
+    ):
+        if not params:
+            continue
         statement = (
             update(table)
             .where(
                 table.c.id == bindparam("job_id"),
-                open_,
+                # Queued too: a job handed back (its worker taken for lost) whose first run still
+                # finished keeps that result and is not run again. (No IN: executemany cannot
+                # expand one.)
+                or_(table.c.status == JobStatus.queued, table.c.status == JobStatus.running),
             )
             .values(
-                status=JobStatus.failed,
+                status=status,
                 finished_at=func.now(),
                 request=case((purged, null()), else_=table.c.request),
-                error=bindparam("error", type_=JSONB),
-                error_status=bindparam("error_status"),
+                **values,
             )
         )
-        params = [
-            {"job_id": o.job_id, "error": o.error, "error_status": o.error_status} for o in failed
-        ]
         stored += cast(CursorResult, session.connection().execute(statement, params)).rowcount
     return stored
