@@ -176,6 +176,13 @@ async def wait(ctx: ApiContext, job: Job, enqueue_first: bool = False) -> Job:
             if not done.is_set():
                 return None
             done.clear()
+            if done.outcome is not None:
+                # The worker sent what it stored: no need to read it back.
+                job.status = JobStatus(done.outcome["status"])
+                job.response = done.outcome.get("response")
+                job.error = done.outcome.get("error")
+                job.error_status = done.outcome.get("error_status")
+                return job
             current = await _load(ctx, job.id)
             return current if current.status.is_final else None
 

@@ -11,9 +11,15 @@ from collections.abc import Callable, Iterator
 
 import redis.asyncio as aioredis
 
-from core.queue import JOB_DONE_CHANNEL, LOOKUPS_CHANGED_CHANNEL
+from core.queue import JOB_DONE_CHANNEL, LOOKUPS_CHANGED_CHANNEL, read_job_done
 
 log = logging.getLogger(__name__)
+
+
+class Watch(asyncio.Event):
+    """Set when the job may have ended; `outcome` is its stored result when the worker sent it."""
+
+    outcome: dict | None = None
 
 
 class JobWaiter:
@@ -23,7 +29,7 @@ class JobWaiter:
         """`lookups_changed` is called when keys or models change (and after a reconnection)."""
         self._redis = redis
         self._lookups_changed = lookups_changed
-        self._events: dict[str, set[asyncio.Event]] = {}
+        self._events: dict[str, set[Watch]] = {}
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -40,9 +46,9 @@ class JobWaiter:
                 await self._task
 
     @contextlib.contextmanager
-    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
+    def watch(self, job_id: str) -> Iterator[Watch]:
         """An event set when `job_id` may have ended; register it before enqueueing the job."""
-        event = asyncio.Event()
+        event = Watch()
         self._events.setdefault(job_id, set()).add(event)
         try:
             yield event
@@ -53,8 +59,9 @@ class JobWaiter:
                 if not events:
                     del self._events[job_id]
 
-    def _wake(self, job_id: str) -> None:
+    def _wake(self, job_id: str, outcome: dict | None = None) -> None:
         for event in self._events.get(job_id, ()):
+            event.outcome = outcome
             event.set()
 
     def _wake_all(self) -> None:
@@ -78,8 +85,7 @@ class JobWaiter:
                         if channel in (LOOKUPS_CHANGED_CHANNEL, LOOKUPS_CHANGED_CHANNEL.encode()):
                             self._lookups_changed()
                             continue
-                        data = message["data"]
-                        self._wake(data.decode() if isinstance(data, bytes) else data)
+                        self._wake(*read_job_done(message["data"]))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

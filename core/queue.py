@@ -22,7 +22,8 @@ BATCH_TASK = "ferry.chat_completion_batch"
 BATCH_CHUNK = 32
 # Workers publish a batch id here when some of its jobs end; the API finalizes done batches.
 BATCH_PROGRESS_CHANNEL = "ferry:batches:progress"
-# Workers publish a job id here when its job reaches a final state.
+# Published when a job reaches a final state: its id, or (from a worker that has just stored it)
+# {"id", "status", "response" | "error" + "error_status"}, which spares the waiting API a read.
 JOB_DONE_CHANNEL = "ferry:jobs:done"
 # Published when an API key is revoked or a model (re)announced: API processes drop what they
 # cached of keys and models.
@@ -107,6 +108,20 @@ def send_jobs(celery: Celery, jobs: Iterable[tuple[str, str, bool]]) -> None:
 
 def _send_chunk(celery: Celery, producer: Any, model: str, ids: list[str]) -> None:
     celery.send_task(BATCH_TASK, args=[ids], queue=batch_queue_for(model), producer=producer)
+
+
+def job_done_message(job_id: str, outcome: dict[str, Any] | None = None) -> str:
+    """What a worker publishes on JOB_DONE_CHANNEL; `outcome` only if it is what was stored."""
+    return job_id if outcome is None else json.dumps({"id": job_id, **outcome})
+
+
+def read_job_done(data: bytes | str) -> tuple[str, dict[str, Any] | None]:
+    """(job id, stored outcome or None) from a JOB_DONE_CHANNEL message."""
+    text = data.decode() if isinstance(data, bytes) else data
+    if not text.startswith("{"):
+        return text, None
+    outcome = json.loads(text)
+    return outcome.pop("id"), outcome
 
 
 def stream_key(job_id: str) -> str:

@@ -67,6 +67,12 @@ class Outcome:
     error: dict[str, Any] | None = None
     error_status: int | None = None
 
+    def sent(self) -> dict[str, Any]:
+        """The outcome as the job-done notification carries it."""
+        if self.response is not None:
+            return {"status": "succeeded", "response": self.response}
+        return {"status": "failed", "error": self.error, "error_status": self.error_status}
+
 
 def finish_many(session: Session, outcomes: list[Outcome]) -> int:
     """Store many jobs' results in two statements (sent in one pipeline); how many were stored."""

@@ -30,6 +30,7 @@ from core.queue import (
     JOB_DONE_CHANNEL,
     STREAM_TTL_SECONDS,
     batch_queue_for,
+    job_done_message,
     make_celery,
     send_jobs,
 )
@@ -143,6 +144,7 @@ def chat_completion(job_id: str) -> None:
     answering = _answering(rt, claimed)
     fields = shaping.engine_fields(body, stream)
     metrics.job_started()
+    outcome: jobs.Outcome | None = None
     try:
         if stream:
             future = rt.engine.submit(relay_stream(rt, job_id, fields, answering))
@@ -153,24 +155,27 @@ def chat_completion(job_id: str) -> None:
             result = future.result()
         finally:
             rt.inflight.pop(job_id, None)
-        response = result if stream else shaping.completion(result, answering)
-        _store_outcomes(rt, [jobs.Outcome(job_id, response)])
-        if stream:
-            # After the result is stored: a client that sees the end can read it back at once.
-            rt.engine.run(end_stream(rt, job_stream_key(job_id), {"done": "1"}))
+        outcome = jobs.Outcome(job_id, result if stream else shaping.completion(result, answering))
     except concurrent.futures.CancelledError:
         log.info("job %s cancelled", job_id, extra=logs.job_fields(job_id, worker=rt.worker_id))
         metrics.job_finished("cancelled")
     except EngineDead as exc:
         die(rt, exc)
     except FerryError as exc:
-        _store_outcomes(rt, [jobs.Outcome(job_id, None, exc.envelope(), exc.status_code)])
+        outcome = jobs.Outcome(job_id, None, exc.envelope(), exc.status_code)
     except Exception as exc:
         log.exception("job %s failed", job_id, extra=logs.job_fields(job_id, worker=rt.worker_id))
         metrics.engine_error()
         error = EngineError(f"The engine failed on this request: {exc}")
-        _store_outcomes(rt, [jobs.Outcome(job_id, None, error.envelope(), error.status_code)])
-    rt.redis.publish(JOB_DONE_CHANNEL, job_id)
+        outcome = jobs.Outcome(job_id, None, error.envelope(), error.status_code)
+    stored = _store_outcomes(rt, [outcome]) if outcome is not None else 0
+    if stream and outcome is not None and outcome.response is not None:
+        # After the result is stored: a client that sees the end can read it back at once.
+        rt.engine.run(end_stream(rt, job_stream_key(job_id), {"done": "1"}))
+    # What was stored goes with the notification, so the waiting API need not read it back;
+    # not for a stream (its client has read the chunks) nor a job that had ended otherwise.
+    sent = outcome.sent() if stored and outcome is not None and not stream else None
+    rt.redis.publish(JOB_DONE_CHANNEL, job_done_message(job_id, sent))
 
 
 # vLLM schedules lower values first: interactive requests (0) overtake batch work.
@@ -282,13 +287,17 @@ def store_results(rt: Runtime, ended: list[tuple[Chunk, str]]) -> None:
             rt.redis.publish(BATCH_PROGRESS_CHANNEL, batch_id)
 
 
-def _store_outcomes(rt: Runtime, outcomes: list[jobs.Outcome]) -> None:
-    """Store results, trying again while Postgres is away: a finished job's result is kept."""
+def _store_outcomes(rt: Runtime, outcomes: list[jobs.Outcome]) -> int:
+    """Store results, trying again while Postgres is away: a finished job's result is kept.
+
+    Returns how many were stored (not those of jobs that had already ended).
+    """
     delay = 0.5
+    stored = 0
     while outcomes:
         try:
             with rt.sessions.begin() as session:
-                jobs.finish_many(session, outcomes)
+                stored = jobs.finish_many(session, outcomes)
             break
 
         except OperationalError as exc:
@@ -300,6 +309,7 @@ def _store_outcomes(rt: Runtime, outcomes: list[jobs.Outcome]) -> None:
             metrics.job_finished("succeeded", outcome.response.get("usage"))
         else:
             metrics.job_finished("failed")
+    return stored
 
 
 class BatchPuller(threading.Thread):
