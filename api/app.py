@@ -64,12 +64,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             asyncio.create_task(_purge_now_and_then(app.state.ctx)),
             asyncio.create_task(batches.tend_forever(app.state.ctx)),
             asyncio.create_task(Reconciler(app.state.ctx).forever()),
+            asyncio.create_task(stored.deliver_forever(app.state.ctx)),
         ]
         try:
             yield
         finally:
             for loop in loops:
                 loop.cancel()
+            with contextlib.suppress(Exception):
+                await stored.deliver_pending(app.state.ctx)
             await waiter.stop()
             await redis.aclose()
             await engine.dispose()

@@ -25,6 +25,8 @@ class ApiContext:
     waiter: JobWaiter
     # API keys by hash and served models by name, read once per FERRY_LOOKUP_CACHE_SECONDS.
     lookups: TtlCache = field(default_factory=lambda: TtlCache(0))
+    # Jobs whose results reached their clients, to be marked delivered (api.stored).
+    delivered: set[str] = field(default_factory=set)
 
     async def live_workers(self) -> list[WorkerBeat]:
         """Workers whose heartbeat is fresh; stale entries are dropped on the way."""

@@ -6,7 +6,9 @@ finished, the final poll answered), then they are purged; its accounting row sta
 Idempotency-Key the content stays for IDEMPOTENCY_WINDOW so a retry can be answered.
 """
 
+import asyncio
 import json
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -19,6 +21,8 @@ from core.errors import CancelledError, ConflictError, InvalidRequestError, NotF
 from core.queue import JOB_CANCEL_CHANNEL, JOB_DONE_CHANNEL, stream_key
 from core.tables import ApiKey, Job, JobStatus
 from core.validation import check_metadata, check_range
+
+log = logging.getLogger(__name__)
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 FINAL = [JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]
@@ -62,22 +66,45 @@ def view(job: Job) -> dict[str, Any]:
 
 
 async def mark_delivered(ctx: ApiContext, job: Job) -> None:
-    """The job's result reached its client: purge a `store: false` job's content."""
-    if job.store:
-        return  # kept until deleted: nothing to purge
-    job_id = job.id
+    """The job's result reached its client: a `store: false` job's content is to be purged.
+
+    Marked in batches: `deliver_forever` writes every pending mark in one statement.
+    """
+    if not job.store:
+        ctx.delivered.add(job.id)
+
+
+async def deliver_pending(ctx: ApiContext) -> None:
+    """Mark the jobs delivered since the last call, purging `store: false` content."""
+    if not ctx.delivered:
+        return
+    ids, ctx.delivered = ctx.delivered, set()
     final = Job.status.in_(FINAL)
     purge = and_(~Job.store, Job.idempotency_key.is_(None))
-    async with ctx.sessions.begin() as session:
-        await session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(
-                delivered_at=func.coalesce(Job.delivered_at, func.now()),
-                request=case((and_(purge, final), null()), else_=Job.request),
-                response=case((purge, null()), else_=Job.response),
+    try:
+        async with ctx.sessions.begin() as session:
+            await session.execute(
+                update(Job)
+                .where(Job.id.in_(ids))
+                .values(
+                    delivered_at=func.coalesce(Job.delivered_at, func.now()),
+                    request=case((and_(purge, final), null()), else_=Job.request),
+                    response=case((purge, null()), else_=Job.response),
+                )
             )
-        )
+    except Exception:
+        ctx.delivered |= ids  # tried again next time
+        raise
+
+
+async def deliver_forever(ctx: ApiContext, every: float = 0.1) -> None:
+    """`deliver_pending` every `every` seconds: one UPDATE for many answered requests."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await deliver_pending(ctx)
+        except Exception as exc:
+            log.warning("marking delivered results failed (%s); retrying", exc)
 
 
 async def purge_idempotent(ctx: ApiContext) -> int:
