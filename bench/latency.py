@@ -21,15 +21,22 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 
 from bench.stack import ROOT, free_port, running_stack, wait_until_up
-from core.settings import DEFAULT_MODEL, CoreSettings
+from core.settings import DEFAULT_MODEL
 
 LEVELS = (1, 8, 32)
 
 
 @contextlib.contextmanager
-def vllm_server(path: str) -> Iterator[str]:
+def vllm_server() -> Iterator[str]:
+    """vLLM's own OpenAI server with exactly the engine arguments a Ferry worker uses (the test
+    stack's: 64 sequences, eager mode; the default model's chat template and tool parser)."""
+    from core.settings import WorkerSettings
+    from workers.engine import engine_argv
+    from workers.main import resolve_model
+
+    settings, path = resolve_model(WorkerSettings(max_num_seqs=64, enforce_eager=True))
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.cpu_kv_cache_gib)}
     ROOT.joinpath("test-artifacts").mkdir(exist_ok=True)
     log = open(ROOT / "test-artifacts" / "vllm-serve.log", "wb")  # noqa: SIM115 - server's life
     proc = subprocess.Popen(
@@ -37,15 +44,7 @@ def vllm_server(path: str) -> Iterator[str]:
             sys.executable,
             "-m",
             "vllm.entrypoints.openai.api_server",
-            "--model",
-            path,
-            "--served-model-name",
-            DEFAULT_MODEL,
-            "--max-model-len",
-            "2048",
-            "--max-num-seqs",
-            "64",
-            "--enforce-eager",
+            *engine_argv(settings, path),
             "--port",
             str(port),
         ],
@@ -106,10 +105,7 @@ def main() -> None:
     parser.add_argument("--short-rounds", type=int, default=100)
     args = parser.parse_args()
 
-    from workers.model_prep import prepare_default_model
-
-    path = str(prepare_default_model(CoreSettings().cache_dir))
-    with vllm_server(path) as url:
+    with vllm_server() as url:
         vllm = measure(url, "none", args.max_tokens, args.per_thread, args.short_rounds)
     with running_stack(database="ferry_bench", redis_db=14) as stack:
         key = stack.create_key("bench")

@@ -299,7 +299,6 @@ def _store_outcomes(rt: Runtime, outcomes: list[jobs.Outcome]) -> int:
             with rt.sessions.begin() as session:
                 stored = jobs.finish_many(session, outcomes)
             break
-
         except OperationalError as exc:
             log.warning("could not store %d results (%s); retrying", len(outcomes), exc)
             time.sleep(delay)
