@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from core import request_schemas as schemas
+from core.tables import BatchStatus
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -383,18 +384,6 @@ class BatchUsage(BaseModel):
     total_tokens: int
 
 
-BatchStatusName = Literal[
-    "validating",
-    "failed",
-    "in_progress",
-    "finalizing",
-    "completed",
-    "expired",
-    "cancelling",
-    "cancelled",
-]
-
-
 class BatchObject(BaseModel):
     """`Batch`."""
 
@@ -405,7 +394,7 @@ class BatchObject(BaseModel):
     errors: BatchErrors | None = None
     input_file_id: str
     completion_window: str
-    status: BatchStatusName
+    status: BatchStatus
     output_file_id: str | None = None
     error_file_id: str | None = None
     created_at: int

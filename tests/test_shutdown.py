@@ -1,9 +1,12 @@
 """SIGTERM to the API: no new connections, and the synchronous requests in flight finish (within
 FERRY_SHUTDOWN_TIMEOUT_SECONDS) before the process exits; one still waiting then gets a 503."""
 
+import contextlib
 import signal
+import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from uuid import uuid4
 
 import httpx
@@ -48,12 +51,14 @@ def refused(url: str, seconds: float = 5) -> bool:
     return False
 
 
-def test_sigterm_lets_a_sync_request_finish(live_worker: Stack, api_key: str, db: Engine) -> None:
+@contextlib.contextmanager
+def asked_then_stopped(
+    stack: Stack, api_key: str, db: Engine, name: str, timeout: float, max_tokens: int
+) -> Iterator[tuple[subprocess.Popen, int, Future, float]]:
+    """A second API process with `timeout` to shut down, a sync completion running through it,
+    then SIGTERM: (the process, its port, the answer to come, when it was signalled)."""
     port = free_port()
-    timeout = 20
-    proc = live_worker.start_api_on(
-        port, "api-shutdown", FERRY_SHUTDOWN_TIMEOUT_SECONDS=str(timeout)
-    )
+    proc = stack.start_api_on(port, name, FERRY_SHUTDOWN_TIMEOUT_SECONDS=str(timeout))
     sdk = openai.OpenAI(
         base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0, timeout=60
     )
@@ -63,13 +68,23 @@ def test_sigterm_lets_a_sync_request_finish(live_worker: Stack, api_key: str, db
             sdk.chat.completions.create,
             model=MODEL,
             messages=COUNT,
-            max_tokens=60,
+            max_tokens=max_tokens,
             temperature=0,
             metadata={"shutdown": tag},
         )
         wait_running(db, tag)
         proc.send_signal(signal.SIGTERM)
-        stopped = time.monotonic()
+        yield proc, port, answer, time.monotonic()
+
+
+def test_sigterm_lets_a_sync_request_finish(live_worker: Stack, api_key: str, db: Engine) -> None:
+    timeout = 20
+    with asked_then_stopped(live_worker, api_key, db, "api-shutdown", timeout, 60) as (
+        proc,
+        port,
+        answer,
+        stopped,
+    ):
         assert refused(f"http://127.0.0.1:{port}/healthz")
         assert not answer.done(), "the request ended before the API stopped listening"
         completion = answer.result(timeout=timeout)
@@ -78,30 +93,17 @@ def test_sigterm_lets_a_sync_request_finish(live_worker: Stack, api_key: str, db
     proc.wait(timeout)
     # Exited once the request was answered, not at the end of the timeout.
     assert time.monotonic() - stopped < timeout / 2
-    assert proc.returncode in (0, -signal.SIGTERM)
 
 
 def test_sigterm_gives_up_on_requests_after_the_timeout(
     live_worker: Stack, api_key: str, db: Engine
 ) -> None:
-    port = free_port()
-    proc = live_worker.start_api_on(port, "api-shutdown-short", FERRY_SHUTDOWN_TIMEOUT_SECONDS="1")
-    sdk = openai.OpenAI(
-        base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0, timeout=60
-    )
-    tag = uuid4().hex
-    with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(
-            sdk.chat.completions.create,
-            model=MODEL,
-            messages=COUNT,
-            max_tokens=150,
-            temperature=0,
-            metadata={"shutdown": tag},
-        )
-        wait_running(db, tag)
-        proc.send_signal(signal.SIGTERM)
-        stopped = time.monotonic()
+    with asked_then_stopped(live_worker, api_key, db, "api-shutdown-short", 1, 150) as (
+        proc,
+        _,
+        answer,
+        stopped,
+    ):
         proc.wait(10)
         exited = time.monotonic() - stopped
         with pytest.raises(openai.APIStatusError) as caught:
