@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 from pydantic import ValidationError
-from sqlalchemy import func, insert, select, type_coerce, update
+from sqlalchemy import delete, func, insert, select, type_coerce, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -170,18 +170,38 @@ def _parse(raw: bytes, seen: set[str], settings: ApiSettings) -> tuple[str, Chat
 
 
 async def ingest(ctx: ApiContext, batch_id: str) -> None:
-    """Read the batch's input file: valid lines become jobs, invalid ones line errors."""
-    try:
-        await _ingest(ctx, batch_id)
-    except Exception:
-        log.exception("batch %s: validation failed", batch_id, extra={"batch_id": batch_id})
-        await _fail(ctx, batch_id, "internal_error", "The batch could not be validated.")
+    """Read the batch's input file: valid lines become jobs, invalid ones line errors.
+
+    One API process at a time validates a batch: it holds a Postgres advisory lock on it for as
+    long as it reads, which its death releases. A batch left validating (its API process died or
+    stopped midway) is validated again from the start by the reconciler: what the first attempt
+    wrote is removed first, and nothing of it was sent to workers yet.
+    """
+    async with ctx.engine.connect() as lock:
+        key = func.hashtext("ferry-batch:" + batch_id)
+        locked = await lock.scalar(select(func.pg_try_advisory_lock(key)))
+        await lock.commit()  # the lock is the connection's, not the transaction's
+        if not locked:
+            return  # another process is validating it
+        try:
+            await _ingest(ctx, batch_id)
+        except Exception:
+            log.exception("batch %s: validation failed", batch_id, extra={"batch_id": batch_id})
+            await _fail(ctx, batch_id, "internal_error", "The batch could not be validated.")
+        finally:
+            await lock.scalar(select(func.pg_advisory_unlock(key)))
+            await lock.commit()
 
 
 async def _ingest(ctx: ApiContext, batch_id: str) -> None:
-    async with ctx.sessions() as session:
+    async with ctx.sessions.begin() as session:
         batch = await session.get(Batch, batch_id)
         assert batch is not None
+        if batch.status != BatchStatus.validating:
+            return  # validated already (by an attempt that ended as this one began)
+        # What an interrupted attempt wrote; none of its jobs has been sent.
+        await session.execute(delete(Job).where(Job.batch_id == batch_id))
+        await session.execute(delete(BatchLineError).where(BatchLineError.batch_id == batch_id))
         models = {m.name: m for m in await session.scalars(select(ServedModel))}
     seen: set[str] = set()
     jobs: list[dict[str, Any]] = []

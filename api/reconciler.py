@@ -5,7 +5,9 @@ Every few seconds, in one API process at a time (a Postgres advisory lock decide
   (streamed ones, whose chunks may have reached the client, and those out of attempts fail);
 - queued jobs that have waited past the grace period with no message for them in the broker
   (never sent because the broker was down, lost with a restarted broker, or held unacknowledged
-  by a worker that died before claiming them) are sent again.
+  by a worker that died before claiming them) are sent again;
+- batches still validating past the grace period are validated again, unless an API process is
+  still at it (api.batches.ingest holds a lock while it reads).
 A message sent twice is harmless: a worker claims only queued jobs.
 """
 
@@ -20,7 +22,8 @@ from typing import Any
 import anyio
 from sqlalchemy import and_, func, or_, select, text, update
 
-from api.context import ApiContext
+from api import batches
+from api.context import ApiContext, in_background
 from core import handback
 from core.queue import (
     BATCH_PROGRESS_CHANNEL,
@@ -87,7 +90,23 @@ class Reconciler:
         if settle:
             await self._lost_workers(live, done)
         await self._lost_messages(done)
+        await self._stalled_batches(done)
         return done
+
+    async def _stalled_batches(self, done: Sweep) -> None:
+        grace = self.ctx.settings.requeue_grace_seconds
+        async with self.ctx.sessions() as session:
+            stalled = list(
+                await session.scalars(
+                    select(Batch.id).where(
+                        Batch.status == BatchStatus.validating,
+                        Batch.created_at < text(f"now() - interval '{float(grace)} seconds'"),
+                    )
+                )
+            )
+        # Each tries the batch's lock: one still being validated elsewhere is left alone.
+        for batch_id in stalled:
+            in_background(batches.ingest(self.ctx, batch_id))
 
     async def _lost_workers(self, live: list[str], done: Sweep) -> None:
         ctx = self.ctx

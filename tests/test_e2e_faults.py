@@ -21,7 +21,7 @@ import psutil
 import pytest
 from sqlalchemy import Engine, text
 
-from bench.stack import ROOT, Stack
+from bench.stack import ROOT, Stack, free_port
 from tests.conftest import MODEL
 from tests.test_e2e_batches import read_jsonl, upload, wait_until
 
@@ -320,6 +320,59 @@ def test_a_job_committed_but_never_enqueued_is_run_by_the_reconciler(
     assert job.status == "succeeded" and job.attempts == 1  # type: ignore[attr-defined]
     stored = http.get(f"/v1/chat/completions/{job_id}").json()
     assert "Paris" in stored["choices"][0]["message"]["content"]
+
+
+def test_a_batch_left_validating_by_a_dead_api_is_validated_again(
+    live_worker: Stack, api_key: str, client: openai.OpenAI, db: Engine
+) -> None:
+    stack = live_worker
+    port = free_port()
+    doomed = stack.start_api_on(port, "api-doomed")
+    via_doomed = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0
+    )
+    count, good = 30_000, 5
+    rows = [
+        json.dumps(
+            {
+                "custom_id": f"v-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    # Most lines fail validation (no such model): a long file that runs fast.
+                    "model": MODEL if i < good else "no-such-model",
+                    "messages": [{"role": "user", "content": f"Say {i}."}],
+                    "max_tokens": 4,
+                },
+            }
+        )
+        for i in range(count)
+    ]
+    batch = via_doomed.batches.create(
+        input_file_id=upload(via_doomed, rows).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    # kill -9 the API process validating the file once part of it is written.
+    poll(
+        lambda: (
+            one(db, "SELECT count(*) AS n FROM batch_line_errors WHERE batch_id = :b", b=batch.id).n
+        ),
+        60,
+        "validation under way",
+        every=0.05,
+    )
+    stack.kill(doomed)
+    assert client.batches.retrieve(batch.id).status == "validating"
+
+    # The reconciler has another API process validate it again, from the start.
+    done = wait_until(client, batch.id, {"completed", "failed"}, seconds=240)
+    assert done.status == "completed", done
+    assert done.request_counts.total == count
+    assert done.request_counts.completed == good
+    assert done.request_counts.failed == count - good
+    lines = read_jsonl(client, done.output_file_id) + read_jsonl(client, done.error_file_id)
+    assert Counter(line["custom_id"] for line in lines) == Counter(f"v-{i}" for i in range(count))
 
 
 def test_sigterm_lets_a_worker_finish_short_jobs_and_hand_back_long_ones(
