@@ -131,6 +131,9 @@ def chat_completion(job_id: str) -> None:
     """Run one chat completion job to its end."""
     rt = _runtime
     assert rt is not None, "the worker has not installed its runtime"
+    if rt.engine.dead.is_set():
+        # Claim nothing more: the job stays queued for a worker with an engine.
+        die(rt, EngineDead("the engine has stopped"))
     claimed = jobs.claim(rt.sessions, job_id, rt.worker_id)
     if claimed is None:
         log.info(
@@ -214,6 +217,8 @@ def start_chunk(
 
     `on_job_end(chunk, job_id)` is called as each job ends (on the engine's loop).
     """
+    if rt.engine.dead.is_set():
+        die(rt, EngineDead("the engine has stopped"))
     claimed = jobs.claim_many(rt.sessions, job_ids, rt.worker_id)
     if not claimed:
         return None
