@@ -7,7 +7,7 @@ the caller executes it in its own (sync or async) session.
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Update, and_, case, func, null, or_, type_coerce, update
+from sqlalchemy import ColumnElement, Update, and_, case, func, null, type_coerce, update
 from sqlalchemy.dialects.postgresql import JSONB
 
 from core.errors import FerryError
@@ -29,10 +29,9 @@ def _retryable(max_attempts: int) -> ColumnElement[bool]:
     return and_(~streamed(), Job.attempts < max_attempts)
 
 
-def running_on(workers: list[str], *, live: bool = False) -> ColumnElement[bool]:
-    """Running jobs of these workers (or, with live=True, of any other worker)."""
-    on = Job.worker.not_in(workers) if live else Job.worker.in_(workers)
-    return and_(Job.status == JobStatus.running, or_(on, Job.worker.is_(None)) if live else on)
+def running_on(workers: list[str]) -> ColumnElement[bool]:
+    """Running jobs of these workers."""
+    return and_(Job.status == JobStatus.running, Job.worker.in_(workers))
 
 
 def requeue(where: ColumnElement[bool], max_attempts: int) -> Update:

@@ -24,7 +24,6 @@ from core.errors import CancelledError, EngineError, FerryError
 from core.queue import (
     BATCH_CHUNK,
     BATCH_PROGRESS_CHANNEL,
-    BATCH_TASK,
     CHAT_COMPLETION_TASK,
     JOB_CANCEL_CHANNEL,
     JOB_DONE_CHANNEL,
@@ -183,18 +182,6 @@ def chat_completion(job_id: str) -> None:
 
 # vLLM schedules lower values first: interactive requests (0) overtake batch work.
 BATCH_PRIORITY = 10
-
-
-@app.task(name=BATCH_TASK)
-def chat_completion_batch(job_ids: list[str]) -> None:
-    """A batch chunk that reached the interactive queue (batch chunks have their own queue,
-    pulled by BatchPuller): run it all the same."""
-    rt = _runtime
-    assert rt is not None, "the worker has not installed its runtime"
-    chunk = start_chunk(rt, job_ids)
-    if chunk is not None:
-        concurrent.futures.wait([future for _, future in chunk.running.values()])
-        store_results(rt, [(chunk, job_id) for job_id in chunk.running])
 
 
 @dataclass
