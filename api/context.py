@@ -11,7 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from api.cache import TtlCache
 from api.waiter import JobWaiter
-from core.queue import WORKERS_KEY, WorkerBeat, live_beats
+from core.queue import (
+    FAILED_CHECKS_KEY,
+    WORKERS_KEY,
+    FailedCheck,
+    WorkerBeat,
+    live_beats,
+    recent_failed_checks,
+)
 from core.settings import ApiSettings
 
 
@@ -35,6 +42,13 @@ class ApiContext:
         if stale:
             await self.redis.hdel(WORKERS_KEY, *stale)
         return live
+
+    async def failed_checks(self) -> list[FailedCheck]:
+        """Workers that refused to serve in the last hour: their engine failed its self-check."""
+        recent, old = recent_failed_checks(await self.redis.hgetall(FAILED_CHECKS_KEY))
+        if old:
+            await self.redis.hdel(FAILED_CHECKS_KEY, *old)
+        return recent
 
     async def has_live_worker(self, model: str) -> bool:
         return any(beat.model == model for beat in await self.live_workers())

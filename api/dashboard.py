@@ -11,11 +11,13 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Integer,
     String,
     column,
     func,
+    literal,
     or_,
     select,
     text,
@@ -24,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.queue import WorkerBeat
+from core.queue import FailedCheck, WorkerBeat
 from core.tables import Batch, BatchStatus, Job, JobStatus, ServedModel
 
 # Batches whose jobs may still move (or whose files are being written).
@@ -38,6 +40,8 @@ UNFINISHED = (
 LIVE = (JobStatus.queued, JobStatus.running)
 # A batch stays on the dashboard this long after it ended.
 RECENT_SECONDS = 300
+# The throughput figure beside the chart: the chart's buckets of the last minute.
+LAST_MINUTE_SECONDS = 60
 
 
 async def job_counts(
@@ -161,6 +165,16 @@ def worker_view(beat: WorkerBeat, running: int) -> dict[str, Any]:
         "started_at": beat.started_at,
         "seen_at": beat.seen_at,
         "running": running,
+        "self_check": beat.self_check,
+    }
+
+
+def failed_check_view(failure: FailedCheck) -> dict[str, Any]:
+    return {
+        "id": failure.worker_id,
+        "model": failure.model,
+        "hostname": failure.hostname,
+        "at": failure.at,
     }
 
 
@@ -180,31 +194,60 @@ def models_view(
     ]
 
 
+def _sums(buckets: list[dict[str, Any]], seconds: int) -> dict[str, Any]:
+    """What `buckets` add up to, over the `seconds` they cover."""
+    tokens = sum(b["output_tokens"] for b in buckets)
+    return {
+        "seconds": seconds,
+        "output_tokens": tokens,
+        "completions": sum(b["completions"] for b in buckets),
+        "output_tokens_per_second": tokens / seconds,
+    }
+
+
 async def throughput(
     session: AsyncSession, minutes: int = 10, bucket_seconds: int = 10
 ) -> dict[str, Any]:
-    """Output tokens and completions per `bucket_seconds` over the last `minutes`, oldest first;
-    the last bucket is the one still filling."""
-    now = float(await session.scalar(select(func.extract("epoch", func.now()))) or 0)
-    last = int(now // bucket_seconds)
-    first = last - max(1, (minutes * 60) // bucket_seconds) + 1
-    bucket = func.floor(func.extract("epoch", Job.finished_at) / bucket_seconds).cast(Integer)
+    """Output tokens and completions per `bucket_seconds` over the last `minutes` (oldest first),
+    with the sums of the last minute's buckets and of all of them.
+
+    The buckets end at the database's clock, in whole seconds, and are all whole: the newest holds
+    the last `bucket_seconds`. So no bar is still filling, and the last minute is the last
+    buckets, summed here rather than by each reader. A job's output tokens all count at its end,
+    when its result is stored: a worker stores a batch's results many at a time.
+    """
+    end = int(await session.scalar(select(func.floor(func.extract("epoch", func.now())))) or 0)
+    count = max(1, (minutes * 60) // bucket_seconds)
+    start = end - count * bucket_seconds
+    # How many whole buckets before `end` a job ended: 0 is the newest bucket.
+    back = func.floor(
+        (literal(end, BigInteger) - func.extract("epoch", Job.finished_at)) / bucket_seconds
+    ).cast(Integer)
     rows = await session.execute(
-        select(bucket, func.coalesce(func.sum(Job.completion_tokens), 0), func.count())
+        select(back, func.coalesce(func.sum(Job.completion_tokens), 0), func.count())
         .where(
             Job.finished_at.is_not(None),
-            Job.finished_at >= func.to_timestamp(first * bucket_seconds),
+            Job.finished_at > func.to_timestamp(start),
+            # Jobs stored since `end` wait for the next read, rather than land past the chart.
+            Job.finished_at <= func.to_timestamp(end),
             Job.completion_tokens.is_not(None),
         )
-        .group_by(bucket)
+        .group_by(back)
     )
     found = {int(k): (int(tokens or 0), int(n)) for k, tokens, n in rows}
     buckets = [
         {
-            "start": k * bucket_seconds,
-            "output_tokens": found.get(k, (0, 0))[0],
-            "completions": found.get(k, (0, 0))[1],
+            "start": start + i * bucket_seconds,
+            "output_tokens": found.get(count - 1 - i, (0, 0))[0],
+            "completions": found.get(count - 1 - i, (0, 0))[1],
         }
-        for k in range(first, last + 1)
+        for i in range(count)
     ]
-    return {"now": now, "bucket_seconds": bucket_seconds, "buckets": buckets}
+    minute = buckets[-max(1, min(count, LAST_MINUTE_SECONDS // bucket_seconds)) :]
+    return {
+        "now": end,
+        "bucket_seconds": bucket_seconds,
+        "buckets": buckets,
+        "last_minute": _sums(minute, len(minute) * bucket_seconds) | {"buckets": len(minute)},
+        "total": _sums(buckets, count * bucket_seconds),
+    }

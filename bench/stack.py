@@ -39,6 +39,29 @@ def wait_until_up(url: str, proc: subprocess.Popen, what: str, timeout: float) -
     raise RuntimeError(f"{what} did not start within {timeout:g} s")
 
 
+def descendants(pid: int) -> list:
+    """The processes `pid` started, and theirs (psutil.Process objects)."""
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def wait_gone(processes: list, timeout: float) -> list:
+    """Wait until `processes` have ended (zombies count as ended); those still running."""
+    import psutil
+
+    def running(proc) -> bool:
+        try:
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in processes if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 @dataclass
 class Stack:
     database: str = "ferry_test"
@@ -133,14 +156,10 @@ class Stack:
         return proc
 
     def start_worker(self, name: str = "worker", *args: str, **env: str) -> subprocess.Popen:
-        """Start a worker; it takes requests once `wait_for_workers` says so."""
-        defaults = {
-            "FERRY_ENFORCE_EAGER": "true",
-            "FERRY_MAX_NUM_SEQS": "64",
-            # Workers on one host each need a port of their own.
-            "FERRY_METRICS_PORT": str(free_port()),
-        }
-        env = {**defaults, **env}
+        """Start a worker with the shipped engine settings, but for what `env` sets; it takes
+        requests once `wait_for_workers` says so."""
+        # Workers on one host each need a metrics port of their own.
+        env = {"FERRY_METRICS_PORT": str(free_port()), **env}
         self.metrics_ports[name] = int(env["FERRY_METRICS_PORT"])
         return self._spawn(name, ["worker", *args], self.env(**env))
 

@@ -40,7 +40,7 @@ def cmd_api(args: argparse.Namespace) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> None:
     from core.settings import WorkerSettings
-    from workers.main import run
+    from workers.main import run, self_check_only
 
     overrides = {
         name: value
@@ -53,7 +53,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
             "tensor_parallel_size": args.tensor_parallel_size,
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "cpu_kv_cache_gib": args.kv_cache_gib,
-            "enforce_eager": args.enforce_eager or None,
+            "enforce_eager": args.enforce_eager,
             "engine_args": args.engine_args,
             "chat_template": args.chat_template,
             "tool_call_parser": args.tool_call_parser,
@@ -62,6 +62,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
         if value is not None
     }
     _configure_logging(args.log_level)
+    if args.self_check:
+        self_check_only(WorkerSettings(**overrides))
+        return
     run(WorkerSettings(**overrides), loglevel=args.log_level)
 
 
@@ -181,7 +184,11 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--tensor-parallel-size", type=int, help="GPUs per engine")
     worker.add_argument("--gpu-memory-utilization", type=float, help="GPU memory share, 0..1")
     worker.add_argument("--kv-cache-gib", type=int, help="KV cache in GiB (CPU builds)")
-    worker.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs/compile")
+    worker.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        help="no torch.compile or CUDA graphs (default: eager on CPU builds, compiled on GPUs)",
+    )
     worker.add_argument("--chat-template", help="chat template file (default: the model's)")
     worker.add_argument("--tool-call-parser", help="vLLM tool parser for tool_choice auto")
     worker.add_argument("--engine-args", help="more vLLM engine arguments, as one string")
@@ -189,6 +196,11 @@ def parser() -> argparse.ArgumentParser:
         "--capabilities",
         help="optional features the model supports, comma-separated: "
         "reasoning, audio, verbosity, web_search, moderation",
+    )
+    worker.add_argument(
+        "--self-check",
+        action="store_true",
+        help="load the engine, run only its known-answer check, and exit (code 4 if it fails)",
     )
     worker.add_argument("--log-level", default="INFO")
     worker.set_defaults(func=cmd_worker)

@@ -160,6 +160,8 @@ class WorkerBeat:
     pid: int
     started_at: float
     seen_at: float
+    # The engine's known-answer check, in one line (workers.self_check).
+    self_check: str = ""
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
@@ -170,6 +172,47 @@ class WorkerBeat:
 
     def alive(self, ttl: float, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) - self.seen_at <= ttl
+
+
+# Hash: worker id -> FailedCheck JSON: workers whose engine failed its known-answer check and
+# exited without serving. Readers show those younger than FAILED_CHECK_TTL_SECONDS, drop the rest.
+FAILED_CHECKS_KEY = "ferry:failed-checks"
+FAILED_CHECK_TTL_SECONDS = 3600
+
+
+@dataclass
+class FailedCheck:
+    """A worker that refused to serve because its engine answered wrong."""
+
+    worker_id: str
+    model: str
+    hostname: str
+    at: float
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def loads(cls, raw: str | bytes) -> "FailedCheck":
+        return cls(**json.loads(raw))
+
+
+def recent_failed_checks(raw: dict) -> tuple[list[FailedCheck], list[str]]:
+    """Split a FAILED_CHECKS_KEY hash into recent failures and the ids of old or bad fields."""
+    now = time.time()
+    recent: list[FailedCheck] = []
+    old: list = []
+    for worker_id, value in raw.items():
+        try:
+            failure = FailedCheck.loads(value)
+        except (ValueError, TypeError):
+            old.append(worker_id)
+            continue
+        if now - failure.at <= FAILED_CHECK_TTL_SECONDS:
+            recent.append(failure)
+        else:
+            old.append(worker_id)
+    return recent, old
 
 
 def live_beats(raw: dict, ttl: float) -> tuple[list[WorkerBeat], list[str]]:

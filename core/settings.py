@@ -87,7 +87,10 @@ class WorkerSettings(CoreSettings):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     # KV cache size in GiB on CPU builds (vLLM's VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = Field(default=2, ge=1)
-    enforce_eager: bool = False
+    # Eager (no torch.compile, no CUDA graphs) or compiled; empty picks by platform: eager on CPU
+    # builds, whose compiled kernels answer wrong on some hosts (bench/engine_modes.py), compiled
+    # on GPUs, where CUDA graphs pay.
+    enforce_eager: bool | None = None
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     # Prometheus metrics served on this port at /metrics; 0 turns them off.
     metrics_port: int = Field(default=9400, ge=0, le=65535)
@@ -102,6 +105,12 @@ class WorkerSettings(CoreSettings):
     # bench/queue_overhead.py only, to measure the queue without the engine).
     engine: Literal["vllm", "fake"] = "vllm"
     fake_engine_delay_seconds: float = Field(default=0.0, ge=0)
+    # Known-answer checks run after the engine loads, before the model is announced: a JSONL file
+    # of {"prompt": ..., "expected": ...} lines; empty means the default model's own checks (other
+    # models are then not checked). A worker whose engine fails them exits with code 4.
+    self_check_file: str = ""
+    # Off only to serve a model whose answers nobody has written down yet.
+    self_check: bool = True
     # Optional request features the model supports (core.capabilities.KNOWN), e.g. ["reasoning"].
     capabilities: Annotated[list[str], NoDecode] = []
 

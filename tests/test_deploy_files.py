@@ -1,5 +1,6 @@
 """docker-compose.yml and .env.example, checked by reading them (no Docker engine here)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,31 @@ def test_env_example_lists_every_setting() -> None:
         if "=" in line and line.split("=", 1)[0].isupper():
             listed.add(line.split("=", 1)[0])
     assert listed - COMPOSE_ONLY == SETTINGS
+
+
+def test_env_example_ships_the_settings_defaults() -> None:
+    """Copied to .env, it changes nothing: what ships is what the suite's workers run."""
+    for cls in (ApiSettings, WorkerSettings):
+        assert cls(_env_file=ROOT / ".env.example") == cls(_env_file=None), cls.__name__
+
+
+def test_compose_ships_the_settings_defaults(compose: dict) -> None:
+    defaults = {
+        **ApiSettings(_env_file=None).model_dump(),
+        **WorkerSettings(_env_file=None).model_dump(),
+    }
+    checked = 0
+    for name, service in compose["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            found = re.fullmatch(r"\$\{(FERRY_\w+):-(.*)\}", str(value))
+            if not found or found[1] != key:
+                continue
+            setting = key.removeprefix("FERRY_").lower()
+            default = defaults[setting]
+            shipped = type(default)(found[2]) if found[2] or default == "" else None
+            assert shipped == default, (name, key, found[2], default)
+            checked += 1
+    assert checked >= 8, checked
 
 
 def test_dockerfile_installs_the_engine_build_it_is_given() -> None:

@@ -21,7 +21,7 @@ import psutil
 import pytest
 from sqlalchemy import Engine, text
 
-from bench.stack import ROOT, Stack, free_port
+from bench.stack import ROOT, Stack, descendants, free_port, wait_gone
 from tests.conftest import MODEL
 from tests.test_e2e_batches import read_jsonl, upload, wait_until
 
@@ -142,7 +142,13 @@ def test_a_batch_spreads_over_two_workers_and_a_killed_one_loses_nothing(
         return row.done > 0 and row.running > 0
 
     poll(midway, 180, "the second worker midway through its jobs")
-    stack.kill(second_worker)
+    # Its main process alone, as the OOM killer would: its engine must not outlive it.
+    engine = descendants(second_worker.pid)
+    assert any("EngineCore" in p.name() for p in engine), [p.name() for p in engine]
+    second_worker.send_signal(signal.SIGKILL)
+    second_worker.wait()
+    left = wait_gone(engine, timeout=10)
+    assert not left, f"engine processes outlived their worker: {[p.name() for p in left]}"
     # A new worker takes the dead one's place.
     stack.start_worker("worker-3", FERRY_CPU_KV_CACHE_GIB="1")
 

@@ -6,6 +6,7 @@ thread. Celery task threads hand requests to that loop and block on the answer, 
 flight is a request inside the engine, which batches them all.
 """
 
+import argparse
 import asyncio
 import concurrent.futures
 import contextlib
@@ -16,7 +17,7 @@ import re
 import shlex
 import threading
 from collections.abc import AsyncIterator, Coroutine
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from core.errors import FerryError, InvalidRequestError
 from core.settings import WorkerSettings
@@ -28,6 +29,38 @@ T = TypeVar("T")
 
 class EngineDead(Exception):
     """The engine can take no more requests; the worker must exit and be restarted."""
+
+
+def with_platform_defaults(settings: WorkerSettings) -> WorkerSettings:
+    """The settings with what they leave to the platform decided: eager on CPU builds."""
+    if settings.enforce_eager is not None:
+        return settings
+    from vllm.platforms import current_platform
+
+    return settings.model_copy(update={"enforce_eager": current_platform.is_cpu()})
+
+
+class EngineSettingsError(ValueError):
+    """vLLM refuses the engine's settings (an option, or a value of one)."""
+
+
+def serve_args(argv: list[str]) -> argparse.Namespace:
+    """vLLM's parsed and checked arguments for `argv`; EngineSettingsError if it refuses them."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class Refusing(FlexibleArgumentParser):
+        # argparse's own way out is SystemExit, after printing its whole usage; on the engine's
+        # loop that would end the loop's thread and leave the worker waiting for it forever.
+        def error(self, message: str) -> NoReturn:
+            raise EngineSettingsError(message)
+
+    args = make_arg_parser(Refusing()).parse_args(argv)
+    try:
+        validate_parsed_serve_args(args)
+    except (ValueError, TypeError) as exc:
+        raise EngineSettingsError(str(exc)) from exc
+    return args
 
 
 def engine_argv(settings: WorkerSettings, model_path: str) -> list[str]:
@@ -109,7 +142,9 @@ class LoopHost:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Shut the engine down and stop the loop."""
+        """Shut the engine down and stop the loop; again, it does nothing."""
+        if not self._thread.is_alive():
+            return
         with contextlib.suppress(Exception):
             self._call(self._stack.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -121,25 +156,28 @@ class EngineHost(LoopHost):
 
     def __init__(self, settings: WorkerSettings, model_path: str) -> None:
         super().__init__(settings, model_path)
+        self._args: Any = None
         self._engine: Any = None
         self._chat: Any = None
 
     def start(self) -> None:
-        """Load the model and warm the engine; returns when it takes requests."""
+        """Load the model and warm the engine; returns when it takes requests.
+
+        Raises EngineSettingsError, before anything loads, if vLLM refuses the settings.
+        """
+        from workers.parent_watch import mark_worker
+
+        self._args = serve_args(engine_argv(self.settings, self.model_path))
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kv_cache_gib))
+        mark_worker()
         super().start()
 
     async def _open(self) -> None:
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(
-            engine_argv(self.settings, self.model_path)
-        )
-        validate_parsed_serve_args(args)
+        args = self._args
         self._engine = await self._stack.enter_async_context(build_async_engine_client(args))
         state = State()
         await init_app_state(self._engine, state, args, await self._engine.get_supported_tasks())
@@ -217,6 +255,8 @@ class EngineHost(LoopHost):
 
     def close(self) -> None:
         super().close()
+        # Collected now, while the interpreter is whole, not at its exit.
+        self._engine = self._chat = None
         kill_engine_processes()
 
 

@@ -5,8 +5,10 @@ import hashlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -16,11 +18,25 @@ from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
 
 from core.db import sync_engine, sync_sessions
-from core.queue import BATCH_CHUNK, LOOKUPS_CHANGED_CHANNEL, WORKERS_KEY, WorkerBeat, queue_for
+from core.queue import (
+    BATCH_CHUNK,
+    FAILED_CHECKS_KEY,
+    LOOKUPS_CHANGED_CHANNEL,
+    WORKERS_KEY,
+    FailedCheck,
+    WorkerBeat,
+    queue_for,
+)
 from core.settings import DEFAULT_MODEL, WorkerSettings
 from core.tables import ServedModel
-from workers import metrics, tasks
-from workers.engine import EngineHost, LoopHost, engine_argv
+from workers import metrics, self_check, tasks
+from workers.engine import (
+    EngineHost,
+    EngineSettingsError,
+    LoopHost,
+    engine_argv,
+    with_platform_defaults,
+)
 from workers.fake_engine import FakeEngineHost
 from workers.model_prep import default_model_dir, prepare_default_model
 
@@ -34,7 +50,8 @@ DEFAULT_MODEL_TOOL_PARSER = "xlam"
 
 
 def resolve_model(settings: WorkerSettings) -> tuple[WorkerSettings, str]:
-    """The settings completed for the model, and the folder to load."""
+    """The settings completed for the model and the platform, and the folder to load."""
+    settings = with_platform_defaults(settings)
     path = settings.model_path
     if not path:
         if settings.model != DEFAULT_MODEL:
@@ -83,6 +100,15 @@ def announce_model(
         client.publish(LOOKUPS_CHANGED_CHANNEL, settings.model)
 
 
+def record_failed_check(
+    client: redis.Redis, settings: WorkerSettings, worker_id: str, hostname: str
+) -> None:
+    """Leave the failure where the dashboard shows it (for FAILED_CHECK_TTL_SECONDS)."""
+    failure = FailedCheck(worker_id, settings.model, hostname, time.time())
+    with contextlib.suppress(redis.RedisError):
+        client.hset(FAILED_CHECKS_KEY, worker_id, failure.dumps())
+
+
 class Heartbeat(threading.Thread):
     """Tells the API this worker lives; stops beating when the engine dies."""
 
@@ -106,17 +132,83 @@ class Heartbeat(threading.Thread):
             self.client.hdel(WORKERS_KEY, self.beat.worker_id)
 
 
-def open_engine(settings: WorkerSettings) -> tuple[LoopHost, str]:
-    """The worker's engine, started, and its system fingerprint."""
+@dataclass
+class Opened:
+    """A worker's engine, started, with what it was started with."""
+
+    engine: LoopHost
+    settings: WorkerSettings
+    fingerprint: str
+    checks: tuple[self_check.Check, ...]
+
+
+def open_engine(settings: WorkerSettings) -> Opened:
+    """The worker's engine, started, and the known answers it must give."""
     if settings.engine == "fake":
         fake = FakeEngineHost(settings, "")
         fake.start()
-        return fake, "fp_fake"
+        return Opened(fake, settings, "fp_fake", ())
     settings, model_path = resolve_model(settings)
-    log.info("loading %s from %s", settings.model, model_path)
-    engine = EngineHost(settings, model_path)
-    engine.start()
-    return engine, system_fingerprint(settings, model_path)
+    default_model = Path(model_path).resolve() == default_model_dir(settings.cache_dir).resolve()
+    try:
+        # A bad checks file is found before minutes go into loading.
+        checks = self_check.checks_for(settings, default_model) if settings.self_check else ()
+        mode = "eager" if settings.enforce_eager else "compiled"
+        log.info(
+            "loading %s from %s (dtype %s, %s)", settings.model, model_path, settings.dtype, mode
+        )
+        engine = EngineHost(settings, model_path)
+        engine.start()
+    except (EngineSettingsError, self_check.ChecksFileError) as exc:
+        log.critical("settings refused: %s", exc)
+        print(
+            f"The worker's settings are refused: {exc}\n(vLLM's arguments come from the worker's "
+            f"options and FERRY_ settings; FERRY_ENGINE_ARGS is {settings.engine_args!r}.)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(self_check.EXIT_BAD_SETTINGS) from exc
+    return Opened(engine, settings, system_fingerprint(settings, model_path), checks)
+
+
+def check_engine(opened: Opened) -> self_check.Result | None:
+    """Run the known-answer check; None when there is none to run.
+
+    A failed check closes the engine and raises SystemExit with EXIT_SELF_CHECK_FAILED, after
+    printing what failed and the setting to change.
+    """
+    settings = opened.settings
+    if not opened.checks:
+        if settings.engine == "vllm":
+            log.warning(
+                "no self-check for %s: %s",
+                settings.model,
+                "FERRY_SELF_CHECK is off"
+                if not settings.self_check
+                else "set FERRY_SELF_CHECK_FILE to known answers of this model",
+            )
+        return None
+    result = self_check.run(opened.engine, settings.model, opened.checks)
+    metrics.self_check_done(result.passed, result.seconds)
+    if result.passed:
+        log.info("%s", result.summary())
+        return result
+    log.critical("%s", result.summary())
+    print(self_check.explain(result, settings), file=sys.stderr, flush=True)
+    opened.engine.close()
+    raise SystemExit(self_check.EXIT_SELF_CHECK_FAILED)
+
+
+def self_check_only(settings: WorkerSettings) -> None:
+    """`ferry worker --self-check`: load the engine, run the check, print its result, stop."""
+    opened = open_engine(settings)
+    try:
+        result = check_engine(opened)
+    finally:
+        opened.engine.close()
+    if result is None:
+        raise SystemExit(f"no self-check to run for {opened.settings.model}")
+    print(result.summary(), flush=True)
 
 
 def run(settings: WorkerSettings, loglevel: str = "INFO") -> None:
@@ -127,10 +219,16 @@ def run(settings: WorkerSettings, loglevel: str = "INFO") -> None:
     """
     hostname = socket.gethostname()
     worker_id = f"{settings.model}@{hostname}-{os.getpid()}"
-    engine, fingerprint = open_engine(settings)
+    opened = open_engine(settings)
+    engine, fingerprint, settings = opened.engine, opened.fingerprint, opened.settings
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        checked = check_engine(opened)
+    except SystemExit:
+        record_failed_check(client, settings, worker_id, hostname)
+        raise
     db = sync_engine(settings.database_url, pool_size=8)
     sessions = sync_sessions(db)
-    client = redis.Redis.from_url(settings.redis_url)
     announce_model(sessions, client, settings, fingerprint)
     runtime = tasks.Runtime(
         worker_id=worker_id,
@@ -152,7 +250,15 @@ def run(settings: WorkerSettings, loglevel: str = "INFO") -> None:
     now = time.time()
     heartbeat = Heartbeat(
         client,
-        WorkerBeat(worker_id, settings.model, hostname, os.getpid(), now, now),
+        WorkerBeat(
+            worker_id,
+            settings.model,
+            hostname,
+            os.getpid(),
+            now,
+            now,
+            self_check=checked.summary() if checked else "not run",
+        ),
         settings.heartbeat_seconds,
         engine,
     )

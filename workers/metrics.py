@@ -34,6 +34,12 @@ OUTPUT_TOKENS = Counter(
 ENGINE_ERRORS = Counter(
     "ferry_worker_engine_errors", "Requests the engine failed on, or found it dead."
 )
+SELF_CHECK_PASSED = Gauge(
+    "ferry_worker_self_check_passed",
+    "1 if the engine gave every known answer of its self-check, 0 if not, -1 if none was run.",
+)
+SELF_CHECK_PASSED.set(-1)
+SELF_CHECK_SECONDS = Gauge("ferry_worker_self_check_seconds", "How long the self-check took.")
 for _outcome in OUTCOMES:
     JOBS.labels(outcome=_outcome)  # every outcome's series exists from the start, at 0
 
@@ -56,6 +62,12 @@ def job_finished(outcome: str, usage: Mapping[str, Any] | None = None) -> None:
 def job_released(count: int = 1) -> None:
     """`count` jobs left the engine without ending (aborted to be handed back to the queue)."""
     JOBS_IN_ENGINE.dec(count)
+
+
+def self_check_done(passed: bool, seconds: float) -> None:
+    """The engine's known-answer check ended."""
+    SELF_CHECK_PASSED.set(1 if passed else 0)
+    SELF_CHECK_SECONDS.set(seconds)
 
 
 def engine_error() -> None:

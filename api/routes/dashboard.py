@@ -27,8 +27,10 @@ async def dashboard_page() -> HTMLResponse:
 
 @router.get("/v1/dashboard/workers", responses=ERROR_RESPONSES)
 async def dashboard_workers(_: ApiKeyDep, ctx: ContextDep, session: SessionDep) -> dict[str, Any]:
-    """Live workers (every project's: they are shared) and, per model, its queue."""
+    """Live workers (every project's: they are shared), per model its queue, and workers that
+    refused to serve in the last hour because their engine failed its self-check."""
     beats = await ctx.live_workers()
+    refused = await ctx.failed_checks()
     running = await dashboard.running_per_worker(session)
     counts = await dashboard.job_counts(session, dashboard.LIVE)
     beats.sort(key=lambda beat: (beat.model, beat.worker_id))
@@ -36,6 +38,7 @@ async def dashboard_workers(_: ApiKeyDep, ctx: ContextDep, session: SessionDep) 
         "object": "dashboard.workers",
         "workers": [dashboard.worker_view(b, running.get(b.worker_id, 0)) for b in beats],
         "models": dashboard.models_view(beats, counts),
+        "refused": [dashboard.failed_check_view(f) for f in refused],
     }
 
 
@@ -53,7 +56,8 @@ async def dashboard_throughput(
     minutes: Annotated[int, Query(ge=1, le=60)] = 10,
     bucket: Annotated[int, Query(ge=1, le=600)] = 10,
 ) -> dict[str, Any]:
-    """Output tokens and completions of every worker per `bucket` seconds, last `minutes`."""
+    """Output tokens and completions of every worker per `bucket` seconds, last `minutes`, and
+    the sums of the last minute's buckets."""
     return {
         "object": "dashboard.throughput",
         **await dashboard.throughput(session, minutes, bucket),
