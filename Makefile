@@ -64,7 +64,8 @@ lint: install ## format check, lint, types, import contracts
 check: lint test ## lint, then the whole suite
 
 .PHONY: bench
-bench: setup ## benches: throughput against vLLM alone, batching, first token, lists, ingestion
+bench: setup ## benches: the CPU engine's modes, throughput against vLLM alone, batching, first token, lists, ingestion
+	$(PY) -m bench.engine_modes
 	$(PY) -m bench.throughput
 	$(PY) -m bench.latency
 	$(PY) -m bench.queue_overhead

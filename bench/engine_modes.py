@@ -10,10 +10,9 @@ output tokens/s over the same conversations, with the ratio to the fastest mode.
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
+from bench.stack import run_for_json
 from core.settings import DEFAULT_MODEL, WorkerSettings
 
 MODES = {
@@ -89,10 +88,8 @@ def main() -> None:
     print(f"{DEFAULT_MODEL}, {args.requests} conversations, max_tokens {args.max_tokens}")
     rows = {}
     for mode in args.modes.split(","):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
+        try:
+            rows[mode] = run_for_json(
                 "bench.engine_modes",
                 "--one",
                 mode,
@@ -100,17 +97,11 @@ def main() -> None:
                 str(args.requests),
                 "--max-tokens",
                 str(args.max_tokens),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode or not lines:
-            print(f"{mode}: failed ({done.returncode})\n{done.stderr[-2000:]}")
+                env=env,
+            )
+        except RuntimeError as exc:
+            print(f"{mode}: failed: {exc}")
             continue
-        rows[mode] = json.loads(lines[-1])
         row = rows[mode]
         print(
             f"  {mode}: {row['tokens'] / row['seconds']:.0f} tok/s, start {row['start']:.0f} s, "

@@ -5,6 +5,7 @@ Redis database number, so it never touches the data of `make run`.
 """
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -37,6 +38,24 @@ def wait_until_up(url: str, proc: subprocess.Popen, what: str, timeout: float) -
                 return
         time.sleep(0.2)
     raise RuntimeError(f"{what} did not start within {timeout:g} s")
+
+
+def run_for_json(module: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Run `python -m module args` to its end (in a process of its own, so that each engine
+    starts fresh); the last line it printed that is a JSON object. RuntimeError if none."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not found:
+        raise RuntimeError(
+            f"{module} {' '.join(args)}: exit {done.returncode}\n{done.stderr[-2000:]}"
+        )
+    return json.loads(found[-1])
 
 
 def descendants(pid: int) -> list:

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.stack import run_for_json
 from core.settings import DEFAULT_MODEL
 
 TOPICS = ["the sea", "a lighthouse", "a cat", "the moon", "a train", "a forest", "rain", "bread"]
@@ -134,22 +135,14 @@ def main() -> None:
         offline(path, args.requests, args.max_tokens)
         return
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.throughput",
-            "--offline",
-            "--requests",
-            str(args.requests),
-            "--max-tokens",
-            str(args.max_tokens),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
+    a = run_for_json(
+        "bench.throughput",
+        "--offline",
+        "--requests",
+        str(args.requests),
+        "--max-tokens",
+        str(args.max_tokens),
     )
-    a = json.loads(next(x for x in done.stdout.splitlines() if x.startswith('{"start"')))
     b_seconds, b_tokens = run_batch(path, requests(args.requests, args.max_tokens))
     c_seconds, c_tokens = ferry(requests(args.requests, args.max_tokens))
 

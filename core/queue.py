@@ -6,13 +6,15 @@ The API sends tasks by name; it never imports the workers' code.
 import base64
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery
 
 from core.settings import CoreSettings
+
+T = TypeVar("T")
 
 CHAT_COMPLETION_TASK = "ferry.chat_completion"
 # A chunk of a batch's jobs, by id, run together in the engine at batch priority. Chunks go to
@@ -197,37 +199,32 @@ class FailedCheck:
         return cls(**json.loads(raw))
 
 
+def _split(
+    raw: dict, loads: Callable[[Any], T], keep: Callable[[T], bool]
+) -> tuple[list[T], list[Any]]:
+    """A Redis hash's values that load and are kept, and the fields of the rest."""
+    kept: list[T] = []
+    dropped: list[Any] = []
+    for field_name, value in raw.items():
+        try:
+            item = loads(value)
+        except (ValueError, TypeError):
+            dropped.append(field_name)
+            continue
+        if keep(item):
+            kept.append(item)
+        else:
+            dropped.append(field_name)
+    return kept, dropped
+
+
 def recent_failed_checks(raw: dict) -> tuple[list[FailedCheck], list[str]]:
     """Split a FAILED_CHECKS_KEY hash into recent failures and the ids of old or bad fields."""
     now = time.time()
-    recent: list[FailedCheck] = []
-    old: list = []
-    for worker_id, value in raw.items():
-        try:
-            failure = FailedCheck.loads(value)
-        except (ValueError, TypeError):
-            old.append(worker_id)
-            continue
-        if now - failure.at <= FAILED_CHECK_TTL_SECONDS:
-            recent.append(failure)
-        else:
-            old.append(worker_id)
-    return recent, old
+    return _split(raw, FailedCheck.loads, lambda f: now - f.at <= FAILED_CHECK_TTL_SECONDS)
 
 
 def live_beats(raw: dict, ttl: float) -> tuple[list[WorkerBeat], list[str]]:
     """Split a WORKERS_KEY hash into live beats and the ids of stale ones."""
     now = time.time()
-    live: list[WorkerBeat] = []
-    stale: list[str] = []
-    for worker_id, value in raw.items():
-        try:
-            beat = WorkerBeat.loads(value)
-        except (ValueError, TypeError):
-            stale.append(worker_id)
-            continue
-        if beat.alive(ttl, now):
-            live.append(beat)
-        else:
-            stale.append(worker_id)
-    return live, stale
+    return _split(raw, WorkerBeat.loads, lambda beat: beat.alive(ttl, now))
