@@ -9,6 +9,8 @@ Idempotency-Key the content stays for IDEMPOTENCY_WINDOW so a retry can be answe
 import asyncio
 import json
 import logging
+import re
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 FINAL = [JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]
+_METADATA_FILTER = re.compile(r"metadata\[([^\[\]]*)\]", re.DOTALL)
 _LISTED = and_(Job.store, Job.deleted_at.is_(None), Job.status == JobStatus.succeeded)
 
 
@@ -143,6 +146,41 @@ def page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
         "last_id": items[-1]["id"] if items else "",
         "has_more": has_more,
     }
+
+
+def metadata_filter(query: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The `metadata[key]=value` pairs of a list's query string. Any other parameter whose name
+    begins with `metadata` (a bare `metadata=`, `metadata[a][b]`, a key given twice) is refused:
+    ignored, it would list completions its sender meant to filter out. A key may be empty, as in
+    a body's metadata."""
+    pairs: dict[str, str] = {}
+    for name, value in query:
+        if not name.startswith("metadata"):
+            continue
+        if name == "metadata":
+            raise InvalidRequestError(
+                "Invalid type for 'metadata': expected an object, written as "
+                "'metadata[key]=value' in the query string.",
+                param="metadata",
+                code="invalid_type",
+            )
+        found = _METADATA_FILTER.fullmatch(name)
+        if found is None:
+            raise InvalidRequestError(
+                f"Invalid query parameter {name!r}: a metadata filter is 'metadata[key]=value', "
+                "with a key without brackets.",
+                param="metadata",
+                code="invalid_value",
+            )
+        key = found[1]
+        if key in pairs:
+            raise InvalidRequestError(
+                f"Invalid 'metadata.{key}': the filter is given more than once.",
+                param=f"metadata.{key}",
+                code="invalid_value",
+            )
+        pairs[key] = value
+    return pairs
 
 
 async def list_completions(

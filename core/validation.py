@@ -36,6 +36,19 @@ def _invalid(message: str, param: str, code: str | None = "invalid_value") -> In
     return InvalidRequestError(message, param=param, code=code)
 
 
+def _json_type(value: Any) -> str:
+    """What a parsed JSON value is, as OpenAI names it in its messages ("an object")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def check_range(value: int, low: int, high: int, param: str) -> None:
     """An integer outside [low, high] is refused as OpenAI words it."""
     if low <= value <= high:
@@ -191,6 +204,19 @@ def _check_content(message: ChatMessage, where: str) -> None:
     for j, part in enumerate(message.content):
         param = f"{where}.content[{j}]"
         kind = part.get("type")
+        if kind is None:
+            raise _invalid(
+                f"Missing required parameter: '{param}.type'.",
+                f"{param}.type",
+                "missing_required_parameter",
+            )
+        if not isinstance(kind, str):
+            raise _invalid(
+                f"Invalid type for '{param}.type': expected a string, but got "
+                f"{_json_type(kind)} instead.",
+                f"{param}.type",
+                "invalid_type",
+            )
         if kind not in allowed:
             raise _invalid(
                 f"Invalid value: '{kind}'. Supported values for role '{message.role}' are: "
@@ -245,7 +271,8 @@ def check_metadata(metadata: dict[str, str] | None) -> None:
 
 def _check_logit_bias(bias: dict[str, int] | None) -> None:
     for token, value in (bias or {}).items():
-        if not token.isdigit():
+        # isdigit alone takes '²', which int() refuses.
+        if not (token.isascii() and token.isdigit()):
             raise _invalid(
                 f"Invalid key in 'logit_bias': {token!r}. Keys must be token ids (integers).",
                 f"logit_bias.{token}",
@@ -342,10 +369,35 @@ def _check_tool_choice(choice: Any, names: set[str], param: str, legacy: bool) -
                 param,
             )
         return
-    name = choice.get("name") if legacy else (choice.get("function") or {}).get("name")
     if not legacy and choice.get("type") != "function":
         raise _invalid(
             "Invalid value for 'tool_choice.type': expected 'function'.", f"{param}.type"
+        )
+    function, where = (choice, param) if legacy else (choice.get("function"), f"{param}.function")
+    if function is None:
+        raise _invalid(
+            f"Missing required parameter: '{where}'.", where, "missing_required_parameter"
+        )
+    if not isinstance(function, dict):
+        raise _invalid(
+            f"Invalid type for '{where}': expected an object, but got {_json_type(function)} "
+            "instead.",
+            where,
+            "invalid_type",
+        )
+    name = function.get("name")
+    if name is None:
+        raise _invalid(
+            f"Missing required parameter: '{where}.name'.",
+            f"{where}.name",
+            "missing_required_parameter",
+        )
+    if not isinstance(name, str):
+        raise _invalid(
+            f"Invalid type for '{where}.name': expected a string, but got {_json_type(name)} "
+            "instead.",
+            f"{where}.name",
+            "invalid_type",
         )
     if name not in names:
         raise _invalid(

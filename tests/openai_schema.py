@@ -74,11 +74,16 @@ def to_json_schema(schema: Any) -> Any:
     return out
 
 
-def _build(cache_file: Path) -> dict[str, Any]:
-    """Parse the YAML spec, convert its schemas and write them to the cache file."""
+def load_spec() -> dict[str, Any]:
+    """The whole OpenAPI document as parsed from its YAML (a new copy on each call)."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with SPEC.open("rb") as f:
-        spec = yaml.load(f, Loader=loader)
+        return yaml.load(f, Loader=loader)
+
+
+def _build(cache_file: Path) -> dict[str, Any]:
+    """Parse the YAML spec, convert its schemas and write them to the cache file."""
+    spec = load_spec()
     schemas = {name: to_json_schema(s) for name, s in spec["components"]["schemas"].items()}
     converted = {"components": {"schemas": schemas}}
     CACHE_DIR.mkdir(parents=True, exist_ok=True)

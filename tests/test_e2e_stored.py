@@ -234,6 +234,14 @@ def test_keys_own_their_data(
         ({"order": "sideways"}, "order", "invalid_value"),
         ({"metadata[k]": "v" * 513}, "metadata.k", "string_above_max_length"),
         ({"metadata[" + "k" * 65 + "]": "v"}, "metadata." + "k" * 65, "string_above_max_length"),
+        # A filter is `metadata[key]=value`: anything else named metadata is refused, not ignored.
+        ({"metadata": ""}, "metadata", "invalid_type"),
+        ({"metadata": "k"}, "metadata", "invalid_type"),
+        ({"metadata]": "v"}, "metadata", "invalid_value"),
+        ({"metadata[k": "v"}, "metadata", "invalid_value"),
+        ({"metadata[k][j]": "v"}, "metadata", "invalid_value"),
+        ({"metadata.k": "v"}, "metadata", "invalid_value"),
+        ([("metadata[k]", "v"), ("metadata[k]", "w")], "metadata.k", "invalid_value"),
     ],
 )
 def test_bad_list_queries(http: httpx.Client, params, param, code) -> None:

@@ -1,10 +1,19 @@
 """Each rule of OpenAI's request validation, tried with a value just outside it: 400, OpenAI's
 envelope with the field's path and code, and no job created."""
 
+from collections.abc import Iterator
+from typing import Any
+
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 from sqlalchemy import Engine
 
+from core.errors import InvalidRequestError
+from core.validation import check_request
+from core.wire import ChatCompletionRequest
 from tests.conftest import MODEL
 from tests.test_api_errors import URL, assert_envelope, count_jobs
 
@@ -67,6 +76,18 @@ CASES = [
         with_(messages=[{"role": "user", "content": [{"type": "text"}]}]),
         "messages[0].content[0].text",
         "missing_required_parameter",
+    ),
+    (
+        with_(
+            messages=[{"role": "tool", "content": [{"type": {}, "text": ""}], "tool_call_id": ""}]
+        ),
+        "messages[0].content[0].type",
+        "invalid_type",
+    ),
+    (
+        with_(tools=[TOOL], tool_choice={"type": "function", "function": {"name": {}}}),
+        "tool_choice.function.name",
+        "invalid_type",
     ),
     (
         with_(messages=[USER, {"role": "tool", "tool_call_id": "call_1", "content": "42"}]),
@@ -165,3 +186,186 @@ def test_values_at_the_limits_are_accepted(client) -> None:
         service_tier="default",
     )
     assert len(completion.choices) == 2
+
+
+# A request that passes every check, with a value at each path the checks read.
+EVERYTHING = {
+    "model": MODEL,
+    "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "me"},
+        {
+            "role": "assistant",
+            "content": [{"type": "refusal", "refusal": "no"}],
+            "tool_calls": [CALL],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "42"}]},
+        {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
+        {"role": "function", "name": "f", "content": "42"},
+    ],
+    "metadata": {"k": "v"},
+    "logit_bias": {"50": 1},
+    "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {}}},
+    "tools": [TOOL],
+    "tool_choice": {"type": "function", "function": {"name": "f"}},
+}
+LEGACY = {
+    "model": MODEL,
+    "messages": [USER],
+    "functions": [TOOL["function"]],
+    "function_call": {"name": "f"},
+}
+
+
+def _refusal(body: dict) -> tuple[str | None, str | None] | None:
+    """The (param, code) `check_request` refuses `body` with; None if it passes."""
+    try:
+        check_request(ChatCompletionRequest.model_validate(body))
+    except InvalidRequestError as exc:
+        return exc.param, exc.code
+    return None
+
+
+def test_the_templates_pass() -> None:
+    assert _refusal(EVERYTHING) is None
+    assert _refusal(LEGACY) is None
+
+
+def _message(**fields):
+    return with_(messages=[USER, {"role": "assistant", "tool_calls": [CALL]}, fields])
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        # OpenAI's spec found it: a 500 (unhashable type) before.
+        (
+            with_(messages=[{"role": "tool", "content": [{"type": {}, "text": ""}]}]),
+            "messages[0].content[0].type",
+            "invalid_type",
+        ),
+        (
+            with_(messages=[{"role": "user", "content": [{"type": ["text"], "text": "x"}]}]),
+            "messages[0].content[0].type",
+            "invalid_type",
+        ),
+        (
+            with_(messages=[{"role": "user", "content": [{"type": 1, "text": "x"}]}]),
+            "messages[0].content[0].type",
+            "invalid_type",
+        ),
+        (
+            with_(messages=[{"role": "user", "content": [{"text": "x"}]}]),
+            "messages[0].content[0].type",
+            "missing_required_parameter",
+        ),
+        (
+            _message(role="tool", tool_call_id="call_1", content=[{"type": {}}]),
+            "messages[2].content[0].type",
+            "invalid_type",
+        ),
+        (
+            with_(tools=[TOOL], tool_choice={"type": "function", "function": {"name": {}}}),
+            "tool_choice.function.name",
+            "invalid_type",
+        ),
+        (
+            with_(tools=[TOOL], tool_choice={"type": "function", "function": {"name": ["f"]}}),
+            "tool_choice.function.name",
+            "invalid_type",
+        ),
+        (
+            with_(tools=[TOOL], tool_choice={"type": "function", "function": {}}),
+            "tool_choice.function.name",
+            "missing_required_parameter",
+        ),
+        (
+            with_(tools=[TOOL], tool_choice={"type": "function", "function": "f"}),
+            "tool_choice.function",
+            "invalid_type",
+        ),
+        (
+            with_(tools=[TOOL], tool_choice={"type": "function", "function": ["f"]}),
+            "tool_choice.function",
+            "invalid_type",
+        ),
+        (
+            with_(tools=[TOOL], tool_choice={"type": "function"}),
+            "tool_choice.function",
+            "missing_required_parameter",
+        ),
+        (with_(tools=[TOOL], tool_choice={"type": {}}), "tool_choice.type", "invalid_value"),
+        (
+            with_(functions=[TOOL["function"]], function_call={"name": {}}),
+            "function_call.name",
+            "invalid_type",
+        ),
+        (
+            with_(functions=[TOOL["function"]], function_call={}),
+            "function_call.name",
+            "missing_required_parameter",
+        ),
+        (with_(tools=[{"type": {}}]), "tools[0].type", "invalid_value"),
+        (
+            with_(tools=[{"type": "function", "function": {"name": {}}}]),
+            "tools[0].function.name",
+            "invalid_value",
+        ),
+        (with_(response_format={"type": {}}), "response_format.type", "invalid_value"),
+        (
+            _message(role="assistant", tool_calls=[{**CALL, "id": {}}]),
+            "messages[2].tool_calls[0].id",
+            "invalid_value",
+        ),
+        (
+            _message(role="assistant", tool_calls=[{**CALL, "type": {}}]),
+            "messages[2].tool_calls[0].function",
+            "invalid_value",
+        ),
+        # '²' is a digit to str.isdigit, and not to int().
+        (with_(logit_bias={"²": 1}), "logit_bias.²", "invalid_type"),
+    ],
+)
+def test_values_of_any_json_type_are_refused_not_crashed_on(body, param, code) -> None:
+    """Every value a check uses as a key, a set member or in a comparison may be any JSON."""
+    assert _refusal(body) == (param, code)
+
+
+def _paths(value: Any, path: tuple = ()) -> Iterator[tuple]:
+    """The path to every value inside `value`, containers included."""
+    yield path
+    if isinstance(value, dict | list):
+        for key, child in value.items() if isinstance(value, dict) else enumerate(value):
+            yield from _paths(child, (*path, key))
+
+
+def _replaced(value: Any, path: tuple, new: Any) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=4,
+)
+TEMPLATES = [(template, path) for template in (EVERYTHING, LEGACY) for path in _paths(template)]
+
+
+@given(where=st.sampled_from(TEMPLATES), value=JSON)
+@settings(max_examples=1500, derandomize=True, database=None)
+def test_any_json_anywhere_is_accepted_or_refused(where, value) -> None:
+    """Any JSON value at any place of a valid request: the types refuse it, the checks refuse it
+    with a param, or it passes; nothing else (no exception that would be a 500)."""
+    template, path = where
+    try:
+        body = ChatCompletionRequest.model_validate(_replaced(template, path, value))
+    except ValidationError:
+        return
+    try:
+        check_request(body)
+    except InvalidRequestError as exc:
+        assert exc.param

@@ -20,13 +20,16 @@ from core.wire import (
 router = APIRouter(prefix="/v1", tags=["chat"])
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Each event of the stream (as OpenAPI 3.2's `itemSchema` would say it).
 _STREAM_RESPONSE = {
     "content": {
         "text/event-stream": {
             "schema": {
-                "type": "string",
-                "description": "With `stream: true`: `chat.completion.chunk` events, "
-                "then `data: [DONE]`.",
+                "type": "object",
+                "required": ["data"],
+                "properties": {"data": {"type": "string"}},
+                "description": "With `stream: true`: events whose data is a "
+                "`chat.completion.chunk` as JSON, then `[DONE]`.",
             }
         }
     }
@@ -102,11 +105,7 @@ async def list_chat_completions(
     order: str = "asc",
 ) -> dict[str, Any]:
     """Lists stored chat completions; filter with `model` and `metadata[key]=value`."""
-    metadata = {
-        name[len("metadata[") : -1]: value
-        for name, value in request.query_params.multi_items()
-        if name.startswith("metadata[") and name.endswith("]")
-    }
+    metadata = stored.metadata_filter(request.query_params.multi_items())
     return await stored.list_completions(
         session, key, after=after, limit=limit, order=order, model=model, metadata=metadata
     )
