@@ -13,12 +13,13 @@ from api.auth import BearerAuth
 from api.cache import TtlCache
 from api.context import ApiContext
 from api.errors import install_error_handlers
+from api.headers import SecurityHeaders
 from api.limits import install_limits
 from api.metrics import HttpMetrics
 from api.openapi import install_openapi
 from api.reconciler import Reconciler
 from api.routes import batches as batch_routes
-from api.routes import chat, files, health, models
+from api.routes import chat, docs, files, health, models
 from api.routes import dashboard as dashboard_routes
 from api.routes import metrics as metrics_routes
 from api.shutdown import AnswerWhenCutOff
@@ -28,16 +29,6 @@ from core.queue import make_celery
 from core.settings import ApiSettings, api_settings
 
 log = logging.getLogger(__name__)
-
-
-async def _purge_now_and_then(ctx: ApiContext, every: float = 600) -> None:
-    """Purge `store: false` content kept for retries once their window is over."""
-    while True:
-        await asyncio.sleep(every)
-        try:
-            await stored.purge_idempotent(ctx)
-        except Exception as exc:
-            log.warning("purge failed: %s", exc)
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -61,7 +52,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             lookups=lookups,
         )
         loops = [
-            asyncio.create_task(_purge_now_and_then(app.state.ctx)),
             asyncio.create_task(batches.tend_forever(app.state.ctx)),
             asyncio.create_task(Reconciler(app.state.ctx).forever()),
             asyncio.create_task(stored.deliver_forever(app.state.ctx)),
@@ -82,6 +72,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         summary="An OpenAI-compatible chat completions service.",
         version="0.1.0",
         lifespan=lifespan,
+        # Swagger UI is served from the API's own files (api.routes.docs), never from a CDN;
+        # ReDoc, which only comes from one, is not served.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     # Inside auth: a request without a valid key is refused before its body is read.
     install_limits(app, settings)
@@ -90,6 +85,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_middleware(BearerAuth)
     # Outside auth: the requests it refuses are counted too.
     app.add_middleware(HttpMetrics)
+    # Outermost: every answer, a refusal by any middleware included, gets the headers.
+    app.add_middleware(SecurityHeaders)
     install_error_handlers(app)
     install_openapi(app)
     app.include_router(health.router)
@@ -99,4 +96,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(batch_routes.router)
     app.include_router(metrics_routes.router)
     app.include_router(dashboard_routes.router)
+    if settings.docs:
+        app.include_router(docs.router)
     return app

@@ -17,6 +17,8 @@ _NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization "
     "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
+# What the lookup cache holds for a key that matches no active one.
+_NO_SUCH_KEY = object()
 
 
 class BearerAuth:
@@ -48,6 +50,8 @@ class BearerAuth:
         ctx = scope["app"].state.ctx
         digest = hash_key(token)
         key = ctx.lookups.get(("key", digest))
+        if key is _NO_SUCH_KEY:
+            raise _incorrect(token)
         if key is not None:
             return key
         try:
@@ -60,7 +64,15 @@ class BearerAuth:
                 "The database is unavailable; try again shortly."
             ) from exc
         if key is None:
-            shown = f"{token[:8]}...{token[-4:]}" if len(token) > 12 else "***"
-            raise AuthenticationError(f"Incorrect API key provided: {shown}.")
+            # A wrong key is refused from memory for as long as a right one is trusted: a client
+            # retrying one costs no query. A key created meanwhile works once the entry expires
+            # (FERRY_LOOKUP_CACHE_SECONDS) or the cache is cleared (a lookups-changed notice).
+            ctx.lookups.put(("key", digest), _NO_SUCH_KEY)
+            raise _incorrect(token)
         ctx.lookups.put(("key", digest), key)
         return key
+
+
+def _incorrect(token: str) -> AuthenticationError:
+    shown = f"{token[:8]}...{token[-4:]}" if len(token) > 12 else "***"
+    return AuthenticationError(f"Incorrect API key provided: {shown}.")

@@ -2,9 +2,11 @@
 output and error files.
 
 A bad line fails alone (it goes to the error file with its line number); every other line runs.
-Lines become jobs in multi-row inserts and reach workers in chunks, as low-priority work that
-interactive requests overtake in the engine. One loop per API process finalizes batches whose
-jobs have all ended, and expires those past their window; a row lock elects one process.
+Lines are parsed in other processes (api.parsing), never on the event loop, and become jobs in
+multi-row inserts, one short transaction per run of lines; they reach workers in chunks, as
+low-priority work that interactive requests overtake in the engine. One loop per API process
+finalizes batches whose jobs have all ended, and expires those past their window; a row lock
+elects one process.
 """
 
 import asyncio
@@ -12,48 +14,34 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import timedelta
 from functools import partial
 from typing import Any
 
 import anyio
-from pydantic import ValidationError
-from sqlalchemy import delete, func, insert, select, type_coerce, update
+from sqlalchemy import Text, bindparam, cast, delete, func, insert, select, type_coerce, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api import files
+from api.batch_lines import ENDPOINT, Line, Served, read_lines
 from api.context import ApiContext
-from api.errors import describe
+from api.parsing import Parsers
 from api.stored import page
-from core import capabilities
-from core.errors import (
-    ConflictError,
-    FerryError,
-    InvalidRequestError,
-    NotFoundError,
-    error_envelope,
-)
+from core.errors import ConflictError, InvalidRequestError, NotFoundError, error_envelope
 from core.ids import new_id
 from core.queue import BATCH_PROGRESS_CHANNEL, JOB_CANCEL_CHANNEL, send_jobs
-from core.settings import ApiSettings
 from core.tables import ApiKey, Batch, BatchLineError, BatchStatus, Job, JobStatus, ServedModel
-from core.validation import (
-    check_json_text,
-    check_metadata,
-    check_range,
-    check_request,
-    check_storable,
-    unstorable,
-)
-from core.wire import ChatCompletionRequest
+from core.validation import check_metadata, check_range
 
 log = logging.getLogger(__name__)
 
-ENDPOINT = "/v1/chat/completions"
 WINDOWS = {"24h": timedelta(hours=24)}
-INSERT_ROWS = 1000
+# Lines parsed in one go (in another process) and stored in one short transaction: at most this
+# many, and no more bytes than READ_BYTES but for the last line.
+INSERT_ROWS = 250
+READ_BYTES = 1 << 20
 # Batches whose jobs run, or whose files are still to be written.
 UNFINISHED = (BatchStatus.in_progress, BatchStatus.cancelling, BatchStatus.finalizing)
 _TIMES = (
@@ -66,12 +54,6 @@ _TIMES = (
     "cancelling_at",
     "cancelled_at",
 )
-
-
-class LineError(Exception):
-    def __init__(self, message: str, code: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.message, self.code, self.param, self.status = message, code, param, status
 
 
 async def create(
@@ -117,80 +99,53 @@ async def create(
     return batch
 
 
-def _parse(raw: bytes, seen: set[str], settings: ApiSettings) -> tuple[str, ChatCompletionRequest]:
-    """One input line as (custom_id, request); LineError if it is not a valid one."""
-    limit = settings.max_batch_line_bytes
-    if len(raw) > limit:
-        raise LineError(
-            f"The line is longer than {limit} bytes, the most a batch line may hold.",
-            "line_too_long",
-        )
-    try:
-        check_json_text(raw, settings.max_json_depth)
-    except FerryError as exc:
-        raise LineError(exc.message, exc.code or "invalid_json") from None
-    try:
-        line = json.loads(raw)
-    except ValueError as exc:
-        raise LineError(f"The line is not valid JSON: {exc}.", "invalid_json") from exc
-    if not isinstance(line, dict):
-        raise LineError("The line is not a JSON object.", "invalid_json")
-    try:
-        check_storable(line)
-    except FerryError as exc:
-        raise LineError(exc.message, exc.code or "invalid_value", exc.param) from None
-    custom_id = line.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        raise LineError("The line has no 'custom_id'.", "missing_required_parameter", "custom_id")
-    if custom_id in seen:
-        raise LineError(
-            f"The custom_id '{custom_id}' is used by an earlier line.",
-            "duplicate_custom_id",
-            "custom_id",
-        )
-    seen.add(custom_id)
-    if line.get("method") != "POST":
-        raise LineError("The line's 'method' must be 'POST'.", "invalid_method", "method")
-    if line.get("url") != ENDPOINT:
-        raise LineError(f"The line's 'url' must be '{ENDPOINT}'.", "invalid_url", "url")
-    try:
-        body = ChatCompletionRequest.model_validate(line.get("body"))
-    except ValidationError as exc:
-        message, param, code = describe(dict(exc.errors()[0]))
-        raise LineError(
-            message, code or "invalid_request", f"body.{param}" if param else "body"
-        ) from exc
-    if body.stream:
-        raise LineError("Batch requests cannot be streamed.", "invalid_value", "body.stream")
-    try:
-        check_request(body, settings)
-    except FerryError as exc:
-        raise LineError(exc.message, exc.code or "invalid_request", f"body.{exc.param}") from exc
-    return custom_id, body
-
-
 async def ingest(ctx: ApiContext, batch_id: str) -> None:
     """Read the batch's input file: valid lines become jobs, invalid ones line errors.
 
-    One API process at a time validates a batch: it holds a Postgres advisory lock on it for as
-    long as it reads, which its death releases. A batch left validating (its API process died or
-    stopped midway) is validated again from the start by the reconciler: what the first attempt
-    wrote is removed first, and nothing of it was sent to workers yet.
+    At most FERRY_BATCH_VALIDATION_CONCURRENCY batches validate at once per API process; the
+    others wait their turn. One API process at a time validates a batch: it holds a Postgres
+    advisory lock on it for as long as it reads, which its death releases. A batch left
+    validating (its API process died or stopped midway) is validated again from the start by
+    the reconciler: what the first attempt wrote is removed first, and nothing of it was sent to
+    workers yet.
     """
+    if batch_id in ctx.validating:
+        return  # already validating here, or waiting for its turn
+    ctx.validating.add(batch_id)
+    try:
+        if ctx.validation_slots is None:
+            ctx.validation_slots = asyncio.Semaphore(ctx.settings.batch_validation_concurrency)
+        async with ctx.validation_slots, _batch_lock(ctx, batch_id) as locked:
+            if not locked:
+                return  # another process is validating it
+            try:
+                await _ingest(ctx, batch_id)
+            except Exception:
+                log.exception("batch %s: validation failed", batch_id, extra={"batch_id": batch_id})
+                await _fail(ctx, batch_id, "internal_error", "The batch could not be validated.")
+    finally:
+        ctx.validating.discard(batch_id)
+
+
+@contextlib.asynccontextmanager
+async def _batch_lock(ctx: ApiContext, batch_id: str) -> AsyncIterator[bool]:
+    """The batch's advisory lock, if no one else holds it, for the block's length.
+
+    The lock belongs to a connection, which is held throughout: one taken out of the pool, so
+    that a long validation holds none of the connections requests need.
+    """
+    key = func.hashtext("ferry-batch:" + batch_id)
     async with ctx.engine.connect() as lock:
-        key = func.hashtext("ferry-batch:" + batch_id)
-        locked = await lock.scalar(select(func.pg_try_advisory_lock(key)))
+        # Out of the pool at once (its place there is free again), and closed at the end.
+        (await lock.get_raw_connection()).detach()
+        locked = bool(await lock.scalar(select(func.pg_try_advisory_lock(key))))
         await lock.commit()  # the lock is the connection's, not the transaction's
-        if not locked:
-            return  # another process is validating it
         try:
-            await _ingest(ctx, batch_id)
-        except Exception:
-            log.exception("batch %s: validation failed", batch_id, extra={"batch_id": batch_id})
-            await _fail(ctx, batch_id, "internal_error", "The batch could not be validated.")
+            yield locked
         finally:
-            await lock.scalar(select(func.pg_advisory_unlock(key)))
-            await lock.commit()
+            if locked:
+                await lock.scalar(select(func.pg_advisory_unlock(key)))
+                await lock.commit()
 
 
 async def _ingest(ctx: ApiContext, batch_id: str) -> None:
@@ -198,131 +153,192 @@ async def _ingest(ctx: ApiContext, batch_id: str) -> None:
         batch = await session.get(Batch, batch_id)
         assert batch is not None
         if batch.status != BatchStatus.validating:
-            return  # validated already (by an attempt that ended as this one began)
+            return  # validated already (by an attempt that ended as this one began), or cancelled
         # What an interrupted attempt wrote; none of its jobs has been sent.
         await session.execute(delete(Job).where(Job.batch_id == batch_id))
         await session.execute(delete(BatchLineError).where(BatchLineError.batch_id == batch_id))
-        models = {m.name: m for m in await session.scalars(select(ServedModel))}
-    seen: set[str] = set()
-    jobs: list[dict[str, Any]] = []
-    errors: list[dict[str, Any]] = []
-    counts = {"lines": 0, "jobs": 0, "invalid": 0}
-    by_model: dict[str, list[str]] = {}
-    created = int(time.time())
-
-    async def flush() -> None:
-        async with ctx.sessions.begin() as session:
-            if jobs:
-                await session.execute(insert(Job), jobs)
-            if errors:
-                await session.execute(insert(BatchLineError), errors)
-        jobs.clear()
-        errors.clear()
-
-    async for raw in files.lines(
-        ctx.sessions, batch.input_file_id, ctx.settings.max_batch_line_bytes
-    ):
-        counts["lines"] += 1
-        number = counts["lines"]
-        if number > ctx.settings.batch_max_lines:
-            await _fail(
-                ctx,
-                batch_id,
-                "too_many_requests",
-                f"A batch holds at most {ctx.settings.batch_max_lines} lines.",
-            )
+        models = {
+            m.name: Served(m.capabilities, m.max_model_len)
+            for m in await session.scalars(select(ServedModel))
+        }
+    lines = _Lines(batch, ctx.settings.batch_max_lines)
+    if ctx.line_parsers is None:
+        ctx.line_parsers = Parsers(ctx.settings.batch_validation_concurrency)
+    parsers = ctx.line_parsers
+    read = partial(read_lines, models=models, settings=ctx.settings)
+    # One run is parsed while the one before it is stored.
+    parsing: asyncio.Future[list[Line | None]] | None = None
+    try:
+        async with contextlib.aclosing(_runs(ctx, batch.input_file_id)) as runs:
+            async for run in runs:
+                parsed, parsing = parsing, asyncio.ensure_future(parsers.run(read, run))
+                if parsed is not None and not await _store(ctx, lines, await parsed):
+                    return
+        parsed, parsing = parsing, None
+        if parsed is not None and not await _store(ctx, lines, await parsed):
             return
-        if not raw.strip():
-            counts["lines"] -= 1
-            continue
-        custom_id = None
-        try:
-            custom_id, body = _parse(raw, seen, ctx.settings)
-            model = models.get(body.model)
-            if model is None:
-                raise LineError(
-                    f"The model '{body.model}' does not exist: no worker has ever served it.",
-                    "model_not_found",
-                    "body.model",
-                    404,
-                )
-            try:
-                capabilities.check(body, model.capabilities)
-            except FerryError as exc:
-                raise LineError(
-                    exc.message, exc.code or "unsupported_parameter", f"body.{exc.param}"
-                ) from exc
-        except LineError as exc:
-            counts["invalid"] += 1
-            errors.append(
-                {
-                    "batch_id": batch_id,
-                    "line": number,
-                    "custom_id": custom_id if custom_id is not None else _custom_id_of(raw),
-                    "error": {
-                        "status": exc.status,
-                        "code": exc.code,
-                        "message": f"Line {number}: {exc.message}",
-                        "param": exc.param,
-                        "line": number,
-                    },
-                }
-            )
-        else:
-            job_id = new_id("chatcmpl")
-            jobs.append(
-                {
-                    "id": job_id,
-                    "project": batch.project,
-                    "api_key_id": batch.api_key_id,
-                    "model": body.model,
-                    "status": JobStatus.queued,
-                    "request": body.model_dump(mode="json", exclude_unset=True),
-                    "store": bool(body.store),
-                    "metadata_": body.metadata,
-                    "attempts": 0,
-                    "created": created,
-                    "batch_id": batch_id,
-                    "custom_id": custom_id,
-                    "line_number": number,
-                }
-            )
-            by_model.setdefault(body.model, []).append(job_id)
-            counts["jobs"] += 1
-        if len(jobs) + len(errors) >= INSERT_ROWS:
-            await flush()
-    await flush()
+    finally:
+        if parsing is not None:
+            parsing.cancel()
 
-    if counts["jobs"] == 0:
+    if lines.jobs == 0:
         first_errors = await _first_line_errors(ctx, batch_id)
+        counts = {"lines": lines.lines, "invalid": lines.invalid}
         await _fail(
             ctx, batch_id, "no_valid_lines", "The file has no valid line.", first_errors, counts
         )
         return
     window = WINDOWS[batch.completion_window]
     async with ctx.sessions.begin() as session:
-        await session.execute(
+        started = await session.execute(
             update(Batch)
             .where(Batch.id == batch_id, Batch.status == BatchStatus.validating)
             .values(
                 status=BatchStatus.in_progress,
                 in_progress_at=func.now(),
                 expires_at=Batch.created_at + window,
-                total=counts["lines"],
-                invalid=counts["invalid"],
-                model=next(iter(by_model)) if len(by_model) == 1 else None,
+                total=lines.lines,
+                invalid=lines.invalid,
+                model=next(iter(lines.by_model)) if len(lines.by_model) == 1 else None,
             )
         )
-    await _dispatch(ctx, by_model)
+    if started.rowcount:
+        await _dispatch(ctx, lines.by_model)
+    else:
+        await _cancelled_while_validating(ctx, batch_id, lines.lines, lines.invalid)
 
 
-def _custom_id_of(raw: bytes) -> str | None:
-    """The custom_id of a line that failed, if it has one that can be stored."""
-    try:
-        value = json.loads(raw.decode("utf-8", "replace")).get("custom_id")
-    except Exception:
-        return None
-    return value if isinstance(value, str) and unstorable(value) is None else None
+async def _runs(ctx: ApiContext, file_id: str) -> AsyncGenerator[list[bytes], None]:
+    """The file's lines, INSERT_ROWS at a time (or fewer, up to READ_BYTES)."""
+    run: list[bytes] = []
+    size = 0
+    async for raw in files.lines(ctx.sessions, file_id, ctx.settings.max_batch_line_bytes):
+        run.append(raw)
+        size += len(raw)
+        if len(run) >= INSERT_ROWS or size >= READ_BYTES:
+            yield run
+            run, size = [], 0
+    if run:
+        yield run
+
+
+# A job's request arrives as JSON text from the parsing process, and goes in as it is.
+_INSERT_JOBS = insert(Job.metadata.tables[Job.__tablename__]).values(
+    request=cast(bindparam("request_json", type_=Text), JSONB)
+)
+
+
+async def _store(ctx: ApiContext, lines: "_Lines", read: list[Line | None]) -> bool:
+    """Store a parsed run's jobs and line errors in one short transaction; False once the batch
+    has stopped validating (cancelled, or failed)."""
+    before = lines.lines, lines.invalid
+    jobs, errors, too_many = lines.take(read)
+    batch_id = lines.batch_id
+    async with ctx.sessions.begin() as session:
+        # Shared with the row lock a cancel takes: a cancel commits before these jobs exist (and
+        # none is written), or after they do (and stops them with the others).
+        status = await session.scalar(
+            select(Batch.status).where(Batch.id == batch_id).with_for_update(read=True)
+        )
+        validating = status == BatchStatus.validating
+        if validating and not too_many:
+            if jobs:
+                await session.execute(_INSERT_JOBS, jobs)
+            if errors:
+                await session.execute(insert(BatchLineError), errors)
+    if not validating:
+        await _cancelled_while_validating(ctx, batch_id, *before)
+        return False
+    if too_many:
+        limit = ctx.settings.batch_max_lines
+        await _fail(ctx, batch_id, "too_many_requests", f"A batch holds at most {limit} lines.")
+        return False
+    return True
+
+
+async def _cancelled_while_validating(
+    ctx: ApiContext, batch_id: str, lines: int, invalid: int
+) -> None:
+    """Count what was read before the cancel; its jobs were stopped by it, none was sent."""
+    log.info("batch %s: cancelled while it validated", batch_id, extra={"batch_id": batch_id})
+    async with ctx.sessions.begin() as session:
+        await session.execute(
+            update(Batch).where(Batch.id == batch_id).values(total=lines, invalid=invalid)
+        )
+
+
+class _Lines:
+    """What needs a batch's lines in order: their numbers, and custom_ids seen before."""
+
+    def __init__(self, batch: Batch, most: int):
+        self.batch_id, self.project, self.api_key_id = batch.id, batch.project, batch.api_key_id
+        self.most = most
+        self.created = int(time.time())
+        self.seen: set[str] = set()
+        self.by_model: dict[str, list[str]] = {}
+        self.lines = self.jobs = self.invalid = 0
+
+    def take(
+        self, read: list[Line | None]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+        """Rows for the jobs and the line errors of a parsed run, and whether the file has more
+        lines than a batch may."""
+        jobs: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for line in read:
+            if line is None:
+                continue  # a blank line
+            self.lines += 1
+            number = self.lines
+            if number > self.most:
+                return jobs, errors, True
+            error, custom_id = line.error, line.custom_id
+            if custom_id is not None:
+                if custom_id in self.seen:
+                    error = {
+                        "status": 400,
+                        "code": "duplicate_custom_id",
+                        "message": f"The custom_id '{custom_id}' is used by an earlier line.",
+                        "param": "custom_id",
+                    }
+                self.seen.add(custom_id)
+            if error is not None:
+                self.invalid += 1
+                errors.append(
+                    {
+                        "batch_id": self.batch_id,
+                        "line": number,
+                        "custom_id": custom_id if custom_id is not None else line.error_custom_id,
+                        "error": {
+                            **error,
+                            "message": f"Line {number}: {error['message']}",
+                            "line": number,
+                        },
+                    }
+                )
+                continue
+            assert line.job is not None
+            job_id = new_id("chatcmpl")
+            jobs.append(
+                {
+                    "id": job_id,
+                    "project": self.project,
+                    "api_key_id": self.api_key_id,
+                    "model": line.job["model"],
+                    "status": JobStatus.queued,
+                    "request_json": line.job["request"],
+                    "store": line.job["store"],
+                    "metadata": line.job["metadata"],
+                    "attempts": 0,
+                    "created": self.created,
+                    "batch_id": self.batch_id,
+                    "custom_id": custom_id,
+                    "line_number": number,
+                }
+            )
+            self.by_model.setdefault(line.job["model"], []).append(job_id)
+            self.jobs += 1
+        return jobs, errors, False
 
 
 async def _dispatch(ctx: ApiContext, by_model: dict[str, list[str]]) -> None:
@@ -356,6 +372,7 @@ async def _fail(
     data: list[dict[str, Any]] | None = None,
     counts: dict[str, int] | None = None,
 ) -> None:
+    """Fail a batch still validating (one cancelled meanwhile stays cancelled)."""
     errors = {
         "object": "list",
         "data": data or [{"code": code, "message": message, "param": None, "line": None}],
@@ -368,7 +385,14 @@ async def _fail(
     if counts is not None:
         values.update(total=counts["lines"], invalid=counts["invalid"])
     async with ctx.sessions.begin() as session:
-        await session.execute(update(Batch).where(Batch.id == batch_id).values(**values))
+        failed = await session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.status == BatchStatus.validating)
+            .values(**values)
+        )
+        if failed.rowcount:
+            # Jobs of lines read before it failed: none was sent, and none will be.
+            await session.execute(delete(Job).where(Job.batch_id == batch_id))
 
 
 async def get(session: AsyncSession, key: ApiKey, batch_id: str) -> Batch:
@@ -379,19 +403,11 @@ async def get(session: AsyncSession, key: ApiKey, batch_id: str) -> Batch:
 
 
 async def view(session: AsyncSession, batch: Batch) -> dict[str, Any]:
-    """OpenAI's batch object, with counts and usage from its jobs."""
-    row = (
-        await session.execute(
-            select(
-                func.count().filter(Job.status == JobStatus.succeeded),
-                func.count().filter(Job.status == JobStatus.failed),
-                func.coalesce(func.sum(Job.prompt_tokens), 0),
-                func.coalesce(func.sum(Job.completion_tokens), 0),
-            ).where(Job.batch_id == batch.id)
-        )
-    ).one()
-    succeeded, failed = int(row[0]), int(row[1])
-    prompt, completion = int(row[2] or 0), int(row[3] or 0)
+    """OpenAI's batch object, from its row alone: its jobs are counted there as they end.
+
+    (`session` is not used any more; it stays while other work calls `view` this way.)
+    """
+    prompt, completion = batch.prompt_tokens, batch.completion_tokens
     body: dict[str, Any] = {
         "id": batch.id,
         "object": "batch",
@@ -405,8 +421,8 @@ async def view(session: AsyncSession, batch: Batch) -> dict[str, Any]:
         "created_at": int(batch.created_at.timestamp()),
         "request_counts": {
             "total": batch.total,
-            "completed": succeeded,
-            "failed": failed + batch.invalid,
+            "completed": batch.completed,
+            "failed": batch.failed + batch.invalid,
         },
         "usage": {
             "input_tokens": prompt,

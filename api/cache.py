@@ -24,8 +24,11 @@ class TtlCache:
     def put(self, key: Any, value: Any) -> None:
         if self.seconds <= 0:
             return
+        self._values.pop(key, None)
         if len(self._values) >= self.size:
-            self._values.clear()
+            # Entries are kept in the order they were put, which is the order they expire in:
+            # the first is the one nearest its end (and a flood of new keys evicts only old ones).
+            del self._values[next(iter(self._values))]
         self._values[key] = (time.monotonic() + self.seconds, value)
 
     def clear(self) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api import stored
 from api.cache import TtlCache
 from api.context import ApiContext, in_background
-from core import capabilities
+from core import capabilities, output_limits
 from core.errors import (
     ConflictError,
     FerryError,
@@ -28,6 +28,7 @@ from core.errors import (
 )
 from core.ids import new_id
 from core.queue import send_jobs, stream_key
+from core.settings import ApiSettings, api_settings
 from core.tables import ApiKey, Job, JobStatus, ServedModel
 from core.validation import check_request
 from core.wire import ChatCompletionRequest
@@ -48,13 +49,16 @@ async def submit(
     body: ChatCompletionRequest,
     idempotency_key: str | None = None,
     lookups: TtlCache | None = None,
+    settings: ApiSettings | None = None,
 ) -> tuple[Job, bool]:
     """Check `body` and persist a new job for it, committed before anything is enqueued.
 
     With an idempotency key already used by this API key: the first job, and True (409 if the
-    body differs).
+    body differs). Either way the session is left without a connection: the caller may wait
+    for the job's result as long as it likes without holding one of the pool's.
     """
-    check_request(body)
+    settings = settings or api_settings()
+    check_request(body, settings)
     model = lookups.get(("model", body.model)) if lookups is not None else None
     if model is None:
         model = await session.get(ServedModel, body.model)
@@ -63,11 +67,13 @@ async def submit(
         if lookups is not None:
             lookups.put(("model", body.model), model)
     capabilities.check(body, model.capabilities)
+    output_limits.check(body, model.max_model_len, settings)
     request = body.model_dump(mode="json", exclude_unset=True)
     digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     if idempotency_key is not None:
         first = await _first_attempt(session, key, idempotency_key, digest)
         if first is not None:
+            await session.commit()
             return first, True
     job = Job(
         id=new_id("chatcmpl"),
@@ -92,6 +98,7 @@ async def submit(
         first = await _first_attempt(session, key, idempotency_key, digest)
         if first is None:
             raise
+        await session.commit()
         return first, True
     return job, False
 

@@ -10,6 +10,7 @@ from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from api.cache import TtlCache
+from api.parsing import Parsers
 from api.waiter import JobWaiter
 from core.queue import (
     FAILED_CHECKS_KEY,
@@ -34,6 +35,11 @@ class ApiContext:
     lookups: TtlCache = field(default_factory=lambda: TtlCache(0))
     # Jobs whose results reached their clients, to be marked delivered (api.stored).
     delivered: set[str] = field(default_factory=set)
+    # Batches this process validates or that wait for one of its validation slots, and the
+    # processes that parse their lines (api.batches).
+    validating: set[str] = field(default_factory=set)
+    validation_slots: asyncio.Semaphore | None = None
+    line_parsers: Parsers | None = None
 
     async def live_workers(self) -> list[WorkerBeat]:
         """Workers whose heartbeat is fresh; stale entries are dropped on the way."""

@@ -3,6 +3,8 @@
 Every query stays on an index: job counts per (model, status) are one index range each
 (ix_jobs_model_status), a batch's counts come from ix_jobs_batch_status, running jobs per worker
 from ix_jobs_running_worker, and throughput from ix_jobs_finished_at, which carries the tokens.
+One project's counts and throughput (what an ordinary key's dashboard shows) read the rows of
+those same ranges to keep that project's.
 """
 
 from collections.abc import Iterable
@@ -45,9 +47,12 @@ LAST_MINUTE_SECONDS = 60
 
 
 async def job_counts(
-    session: AsyncSession, statuses: Iterable[JobStatus] = tuple(JobStatus)
+    session: AsyncSession,
+    statuses: Iterable[JobStatus] = tuple(JobStatus),
+    project: str | None = None,
 ) -> dict[tuple[str, str], int]:
-    """Jobs per (model, status), for every served model and each of `statuses`, zeros included.
+    """Jobs per (model, status), for every served model and each of `statuses`, zeros included;
+    `project` counts only that project's.
 
     Queued and running jobs are few and cheap to count; the ended ones are most of the table
     (about 25 ms per million rows and status).
@@ -56,13 +61,11 @@ async def job_counts(
         [(status.value,) for status in statuses]
     )
     # One correlated count per (model, status): an index-only range scan each, where one
-    # GROUP BY would read the whole index.
-    count = (
-        select(func.count())
-        .select_from(Job)
-        .where(Job.model == ServedModel.name, Job.status == pairs.c.status)
-        .scalar_subquery()
-    )
+    # GROUP BY would read the whole index. A project's count reads the rows of that range.
+    scope: list[ColumnElement[bool]] = [Job.model == ServedModel.name, Job.status == pairs.c.status]
+    if project is not None:
+        scope.append(Job.project == project)
+    count = select(func.count()).select_from(Job).where(*scope).scalar_subquery()
     # The planner cannot tell a status's rows from another's here: its estimate would start JIT
     # compilation, which costs more than the counts themselves.
     await session.execute(text("SET LOCAL jit = off"))
@@ -101,7 +104,10 @@ def _count(batch_status: JobStatus) -> Any:
 
 
 async def batches(
-    session: AsyncSession, project: str | None = None, recent: bool = False, limit: int = 50
+    session: AsyncSession,
+    project: str | None = None,
+    recent: bool = False,
+    limit: int | None = 50,
 ) -> list[BatchProgress]:
     """Batches not yet ended (newest first), with their request counts as the Batch API gives
     them: completed = succeeded, failed = failed + invalid lines.
@@ -178,6 +184,11 @@ def failed_check_view(failure: FailedCheck) -> dict[str, Any]:
     }
 
 
+def refused_model_view(failure: FailedCheck) -> dict[str, Any]:
+    """A refusal as any key may see it: which model, when; not which host."""
+    return {"model": failure.model, "at": failure.at}
+
+
 def models_view(
     beats: list[WorkerBeat], counts: dict[tuple[str, str], int]
 ) -> list[dict[str, Any]]:
@@ -206,10 +217,11 @@ def _sums(buckets: list[dict[str, Any]], seconds: int) -> dict[str, Any]:
 
 
 async def throughput(
-    session: AsyncSession, minutes: int = 10, bucket_seconds: int = 10
+    session: AsyncSession, minutes: int = 10, bucket_seconds: int = 10, project: str | None = None
 ) -> dict[str, Any]:
     """Output tokens and completions per `bucket_seconds` over the last `minutes` (oldest first),
-    with the sums of the last minute's buckets and of all of them.
+    with the sums of the last minute's buckets and of all of them; `project` counts only that
+    project's jobs.
 
     The buckets end at the database's clock, in whole seconds, and are all whole: the newest holds
     the last `bucket_seconds`. So no bar is still filling, and the last minute is the last
@@ -223,15 +235,18 @@ async def throughput(
     back = func.floor(
         (literal(end, BigInteger) - func.extract("epoch", Job.finished_at)) / bucket_seconds
     ).cast(Integer)
+    scope: list[ColumnElement[bool]] = [
+        Job.finished_at.is_not(None),
+        Job.finished_at > func.to_timestamp(start),
+        # Jobs stored since `end` wait for the next read, rather than land past the chart.
+        Job.finished_at <= func.to_timestamp(end),
+        Job.completion_tokens.is_not(None),
+    ]
+    if project is not None:
+        scope.append(Job.project == project)
     rows = await session.execute(
         select(back, func.coalesce(func.sum(Job.completion_tokens), 0), func.count())
-        .where(
-            Job.finished_at.is_not(None),
-            Job.finished_at > func.to_timestamp(start),
-            # Jobs stored since `end` wait for the next read, rather than land past the chart.
-            Job.finished_at <= func.to_timestamp(end),
-            Job.completion_tokens.is_not(None),
-        )
+        .where(*scope)
         .group_by(back)
     )
     found = {int(k): (int(tokens or 0), int(n)) for k, tokens, n in rows}

@@ -186,15 +186,14 @@ async def _database_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _unstorable_value(_: Request, exc: Exception) -> JSONResponse:
     """A value the database refuses (a NUL character, an unpaired surrogate, a number out of
-    range) is the request's fault: 400, and the transaction holding it was rolled back."""
-    if isinstance(exc, DataError):
-        detail = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
-    else:
-        detail = str(exc)
+    range) is the request's fault: 400, and the transaction holding it was rolled back. The
+    database's own words stay in the log: they describe the schema, not the request."""
+    detail = exc.orig if isinstance(exc, DataError) and exc.orig is not None else exc
+    log.warning("a request's value could not be stored: %s", detail)
     return _response(
         400,
         error_envelope(
-            f"The request holds a value that cannot be stored: {detail}.",
+            "The request holds a value that cannot be stored.",
             "invalid_request_error",
             None,
             "invalid_value",

@@ -14,9 +14,12 @@ from api.limits import file_too_large
 from core.errors import InvalidRequestError, NotFoundError
 from core.ids import new_id
 from core.tables import ApiKey, FileChunk, StoredFile
+from core.validation import unstorable
 
 CHUNK = 1 << 20
 PURPOSES = ("batch",)
+# The longest file name the files table holds.
+MAX_FILENAME = 1024
 
 
 def view(file: StoredFile) -> dict[str, Any]:
@@ -43,10 +46,7 @@ async def upload(
             code="invalid_value",
         )
     name = upload.filename or "upload.jsonl"
-    if not name.endswith(".jsonl"):
-        raise InvalidRequestError(
-            "Files for batches must be JSON Lines with the .jsonl extension.", param="file"
-        )
+    check_filename(name)
     file = StoredFile(
         id=new_id("file"), project=key.project, api_key_id=key.id, filename=name, purpose=purpose
     )
@@ -61,6 +61,28 @@ async def upload(
             seq += 1
         file.bytes = size
     return file
+
+
+def check_filename(name: str) -> None:
+    """Refuse a file name that is not a .jsonl one the files table can hold."""
+    if len(name) > MAX_FILENAME:
+        raise InvalidRequestError(
+            f"Invalid 'file': file name too long. Expected a name with maximum length "
+            f"{MAX_FILENAME}, but got a name with length {len(name)} instead.",
+            param="file",
+            code="string_above_max_length",
+        )
+    if unstorable(name) is not None:
+        raise InvalidRequestError(
+            "Invalid 'file': the file name holds a NUL character or an unpaired UTF-16 "
+            "surrogate, which cannot be stored.",
+            param="file",
+            code="invalid_value",
+        )
+    if not name.endswith(".jsonl"):
+        raise InvalidRequestError(
+            "Files for batches must be JSON Lines with the .jsonl extension.", param="file"
+        )
 
 
 async def write_lines(
@@ -111,23 +133,26 @@ async def get(session: AsyncSession, key: ApiKey, file_id: str) -> StoredFile:
 
 
 async def chunks(sessions: async_sessionmaker, file_id: str) -> AsyncIterator[bytes]:
-    """A file's bytes, a chunk at a time."""
-    seq = 0
+    """A file's bytes, a chunk at a time, each read in a short session of its own.
+
+    No connection is held while a chunk is on its way: a client that reads slowly keeps one
+    chunk in memory, and nothing of the database pool.
+    """
+    seq = -1
     while True:
         async with sessions() as session:
-            rows = (
-                await session.scalars(
-                    select(FileChunk.data)
-                    .where(FileChunk.file_id == file_id, FileChunk.seq >= seq)
+            row = (
+                await session.execute(
+                    select(FileChunk.seq, FileChunk.data)
+                    .where(FileChunk.file_id == file_id, FileChunk.seq > seq)
                     .order_by(FileChunk.seq)
-                    .limit(8)
+                    .limit(1)
                 )
-            ).all()
-        if not rows:
+            ).one_or_none()
+        if row is None:
             return
-        for data in rows:
-            yield data
-        seq += len(rows)
+        seq, data = row
+        yield data
 
 
 async def lines(

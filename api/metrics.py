@@ -2,12 +2,15 @@
 queues, batches and workers, read from Postgres and Redis when /metrics is scraped.
 
 Every API process answers with the same state (it is read from the shared stores): aggregate
-those gauges with max(), not sum(), across API processes.
+those gauges with max(), not sum(), across API processes. Labels name models, routes and states,
+never a project, a key or a batch: the scrape shows the fleet, not its tenants.
 """
 
 import asyncio
+import hmac
 import logging
 import time
+from collections import Counter as Tally
 from collections.abc import Iterable
 
 from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metrics
@@ -19,6 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import dashboard
 from api.context import ApiContext
+from core.errors import AuthenticationError, MissingApiKeyError
+from core.settings import ApiSettings
 from core.tables import JobStatus
 
 log = logging.getLogger(__name__)
@@ -28,6 +33,8 @@ disable_created_metrics()
 
 # A path that matches no route: one label value, whatever the path.
 UNMATCHED = "<unmatched>"
+# A batch whose model is not known yet (its file is still being read).
+NO_MODEL = "<none>"
 # Synchronous completions may take minutes.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -134,7 +141,7 @@ async def state(ctx: ApiContext) -> list[Metric]:
         async with ctx.sessions() as session:
             counts = await dashboard.job_counts(session, dashboard.LIVE)
             counts.update(await _ENDED.counts(session))
-            batches = await dashboard.batches(session)
+            batches = await dashboard.batches(session, limit=None)
     except Exception as exc:
         log.warning("metrics: postgres unavailable: %s", exc)
         up.add_metric(["postgres"], 0)
@@ -155,16 +162,7 @@ async def state(ctx: ApiContext) -> list[Metric]:
             jobs.add_metric([model, status], n)
             if status == JobStatus.queued.value:
                 depth.add_metric([model], n)
-        progress = GaugeMetricFamily(
-            "ferry_batch_requests",
-            "Requests of each batch in progress: completed, failed (with invalid lines), total.",
-            labels=["batch_id", "state"],
-        )
-        for batch in batches:
-            progress.add_metric([batch.id, "completed"], batch.completed)
-            progress.add_metric([batch.id, "failed"], batch.failed)
-            progress.add_metric([batch.id, "total"], batch.total)
-        families += [jobs, depth, progress]
+        families += [jobs, depth, *_batch_families(batches)]
     try:
         beats = await ctx.live_workers()
     except Exception as exc:
@@ -181,6 +179,50 @@ async def state(ctx: ApiContext) -> list[Metric]:
             workers.add_metric([model], sum(1 for beat in beats if beat.model == model))
         families.append(workers)
     return [*families, up]
+
+
+def _batch_families(batches: list[dashboard.BatchProgress]) -> list[Metric]:
+    """Batches not yet ended, summed per model: how many in each status, and their requests."""
+    in_status = GaugeMetricFamily(
+        "ferry_batches",
+        "Batches not yet ended, by model and status.",
+        labels=["model", "status"],
+    )
+    progress = GaugeMetricFamily(
+        "ferry_batch_requests",
+        "Requests of the batches not yet ended, summed per model: completed, failed (with "
+        "invalid lines), total.",
+        labels=["model", "state"],
+    )
+    statuses: Tally[tuple[str, str]] = Tally()
+    requests: Tally[tuple[str, str]] = Tally()
+    for batch in batches:
+        model = batch.model or NO_MODEL
+        statuses[model, batch.status] += 1
+        requests[model, "completed"] += batch.completed
+        requests[model, "failed"] += batch.failed
+        requests[model, "total"] += batch.total
+    for (model, status), n in sorted(statuses.items()):
+        in_status.add_metric([model, status], n)
+    for (model, state), n in sorted(requests.items()):
+        progress.add_metric([model, state], n)
+    return [in_status, progress]
+
+
+def check_scrape_token(settings: ApiSettings, authorization: str | None) -> None:
+    """Let the scrape through if it bears FERRY_METRICS_TOKEN; otherwise AuthenticationError
+    (also when no token is set: then nobody may scrape)."""
+    token = settings.metrics_token.get_secret_value()
+    scheme, _, given = (authorization or "").partition(" ")
+    if not token:
+        raise AuthenticationError(
+            "Metrics are off: set FERRY_METRICS_TOKEN on the API and send it as a bearer token.",
+            code=None,
+        )
+    if scheme.lower() != "bearer" or not given.strip():
+        raise MissingApiKeyError("Send the scrape token as a bearer token.")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise AuthenticationError("Incorrect scrape token.", code="invalid_scrape_token")
 
 
 async def exposition(ctx: ApiContext, accept: str | None) -> tuple[bytes, str]:

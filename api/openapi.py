@@ -1,8 +1,8 @@
 """The OpenAPI document as the API really answers: what FastAPI writes, less what it gets wrong.
 
 FastAPI declares 422 with its own validation body on every route with parameters; Ferry answers
-400 in OpenAI's envelope instead. Every route with a body may also answer 413, and every `/v1`
-route takes a bearer key.
+400 in OpenAI's envelope instead. Every route with a body may also answer 413, every `/v1`
+route takes a bearer key, and /metrics a scrape token.
 """
 
 from typing import Any
@@ -32,7 +32,12 @@ def document(app: FastAPI) -> dict[str, Any]:
     for name in _FASTAPI_ONLY:
         components.get("schemas", {}).pop(name, None)
     components["securitySchemes"] = {
-        "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key."}
+        "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key."},
+        "scrapeToken": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "The API's FERRY_METRICS_TOKEN.",
+        },
     }
     for path, operations in doc.get("paths", {}).items():
         for operation in operations.values():
@@ -42,6 +47,8 @@ def document(app: FastAPI) -> dict[str, Any]:
                 responses.setdefault("400", {"description": "Invalid request", **_ERROR})
             if "requestBody" in operation:
                 responses.setdefault("413", {"description": "Request body too large", **_ERROR})
+            if path == "/metrics":
+                operation["security"] = [{"scrapeToken": []}]
             if path.startswith("/v1/"):
                 operation["security"] = [{"bearerAuth": []}]
                 responses.setdefault("401", {"description": "Missing or invalid API key", **_ERROR})

@@ -2,8 +2,8 @@
 
 What is kept: a `store: true` completion keeps its request and response until deleted. A
 `store: false` one keeps them only until delivered (the synchronous answer sent, the stream
-finished, the final poll answered), then they are purged; its accounting row stays. With an
-Idempotency-Key the content stays for IDEMPOTENCY_WINDOW so a retry can be answered.
+finished, the final poll answered), and never longer than FERRY_UNSTORED_PURGE_SECONDS after its
+job ended (the reconciler's purge); its accounting row stays.
 """
 
 import asyncio
@@ -11,7 +11,6 @@ import json
 import logging
 import re
 from collections.abc import Iterable
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, func, null, select, tuple_, type_coerce, update
@@ -20,13 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.context import ApiContext
 from core.errors import CancelledError, ConflictError, InvalidRequestError, NotFoundError
-from core.queue import JOB_CANCEL_CHANNEL, JOB_DONE_CHANNEL, stream_key
+from core.queue import JOB_CANCEL_CHANNEL, JOB_DONE_CHANNEL, add_to_stream
 from core.tables import ApiKey, Job, JobStatus
 from core.validation import check_metadata, check_range
 
 log = logging.getLogger(__name__)
 
-IDEMPOTENCY_WINDOW = timedelta(hours=24)
 FINAL = [JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]
 _METADATA_FILTER = re.compile(r"metadata\[([^\[\]]*)\]", re.DOTALL)
 _LISTED = and_(Job.store, Job.deleted_at.is_(None), Job.status == JobStatus.succeeded)
@@ -108,22 +106,6 @@ async def deliver_forever(ctx: ApiContext, every: float = 0.1) -> None:
             await deliver_pending(ctx)
         except Exception as exc:
             log.warning("marking delivered results failed (%s); retrying", exc)
-
-
-async def purge_idempotent(ctx: ApiContext) -> int:
-    """Purge `store: false` content kept for retries, once the idempotency window is over."""
-    async with ctx.sessions.begin() as session:
-        result = await session.execute(
-            update(Job)
-            .where(
-                ~Job.store,
-                Job.idempotency_key.is_not(None),
-                Job.delivered_at < func.now() - IDEMPOTENCY_WINDOW,
-                Job.request.is_not(None),
-            )
-            .values(request=None, response=None)
-        )
-    return result.rowcount
 
 
 def check_page(limit: int, order: str, max_limit: int = 100) -> None:
@@ -280,6 +262,9 @@ async def delete(session: AsyncSession, key: ApiKey, job_id: str) -> dict[str, A
     job.deleted_at = func.now()
     job.request = None
     job.response = None
+    # A retry with its Idempotency-Key would find nothing to answer with: it runs anew.
+    job.idempotency_key = None
+    job.request_hash = None
     await session.commit()
     return {"object": "chat.completion.deleted", "id": job_id, "deleted": True}
 
@@ -310,6 +295,6 @@ async def cancel(ctx: ApiContext, session: AsyncSession, key: ApiKey, job_id: st
         pipe.publish(JOB_CANCEL_CHANNEL, job_id)
         pipe.publish(JOB_DONE_CHANNEL, job_id)
         if (job.request or {}).get("stream"):
-            pipe.xadd(stream_key(job_id), {"error": error, "status": CancelledError.status_code})
+            add_to_stream(pipe, job_id, {"error": error, "status": CancelledError.status_code})
         await pipe.execute()
     return view(job)

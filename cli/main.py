@@ -15,6 +15,7 @@ def _configure_logging(level: str = "INFO") -> None:
 
 
 def cmd_api(args: argparse.Namespace) -> None:
+    import gc
     import math
 
     import uvicorn
@@ -26,8 +27,13 @@ def cmd_api(args: argparse.Namespace) -> None:
     host = args.host or settings.host
     port = args.port or settings.port
     _configure_logging(args.log_level)
+    app = create_app(settings)
+    # What is loaded by now lives as long as the process: kept out of the garbage collector's
+    # full passes, which would otherwise walk all of it, holding the event loop 100 ms or more
+    # each time (every second or two while a large batch file validates).
+    gc.freeze()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=host,
         port=port,
         log_level=args.log_level.lower(),
@@ -118,9 +124,11 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
             project=args.project,
             key_hash=hash_key(key),
             key_prefix=key[:14],
+            admin=args.admin,
         )
         session.add(row)
-    print(f"created key {row.id} ({args.name}, project {args.project}); it is shown only once:")
+    kind = "admin key" if args.admin else "key"
+    print(f"created {kind} {row.id} ({args.name}, project {args.project}); it is shown only once:")
     print(key)
 
 
@@ -132,7 +140,8 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
     with _key_sessions()() as session:
         for key in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
             state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
-            print(f"{key.id}\t{key.name}\t{key.project}\t{key.key_prefix}...\t{state}")
+            role = "admin" if key.admin else "project"
+            print(f"{key.id}\t{key.name}\t{key.project}\t{key.key_prefix}...\t{state}\t{role}")
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> None:
@@ -218,8 +227,16 @@ def parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="create a key; prints it once, on the last line")
     create.add_argument("name")
     create.add_argument("--project", default="default")
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="the dashboard shows this key the whole fleet: every worker, every project's "
+        "queues and throughput (other keys see their project's)",
+    )
     create.set_defaults(func=cmd_keys_create)
-    keys.add_parser("list", help="list keys").set_defaults(func=cmd_keys_list)
+    keys.add_parser(
+        "list", help="list keys: id, name, project, prefix, state, admin or project"
+    ).set_defaults(func=cmd_keys_list)
     revoke = keys.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("id")
     revoke.set_defaults(func=cmd_keys_revoke)

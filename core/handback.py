@@ -1,17 +1,29 @@
 """Jobs whose worker is gone go back to the queue, or fail when they cannot be run again.
 
 Used by a worker handing back its own jobs (shutdown timeout, engine death) and by the API's
-reconciler for the jobs of workers that vanished. Each function returns one UPDATE statement;
+reconciler for the jobs of workers that vanished. Each function returns one statement (an
+UPDATE, or for `give_up` a SELECT over UPDATEs, which counts the failed jobs in their batches);
 the caller executes it in its own (sync or async) session.
 """
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Update, and_, case, func, null, type_coerce, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Update,
+    and_,
+    case,
+    func,
+    null,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 
 from core.errors import FerryError
-from core.tables import Job, JobStatus
+from core.tables import Batch, Job, JobStatus
 
 
 class WorkerLostError(FerryError):
@@ -47,10 +59,11 @@ def requeue(where: ColumnElement[bool], max_attempts: int) -> Update:
     )
 
 
-def give_up(where: ColumnElement[bool], max_attempts: int, reason: str) -> Update:
+def give_up(where: ColumnElement[bool], max_attempts: int, reason: str) -> Select:
     """Fail the jobs among `where` that cannot run again: streamed ones, and those out of attempts.
 
-    RETURNING id, batch_id, stream: the caller ends streams and wakes waiters.
+    One statement, which also counts them as failed in their batches. Its rows are (id, batch_id,
+    stream) of the jobs failed: the caller ends streams and wakes waiters.
     """
     attempts_left = Job.attempts < max_attempts
     message = case(
@@ -73,7 +86,7 @@ def give_up(where: ColumnElement[bool], max_attempts: int, reason: str) -> Updat
             case((attempts_left, WorkerLostError.code), else_="max_attempts_exceeded"),
         ),
     )
-    return (
+    failed = (
         update(Job)
         .where(where, ~_retryable(max_attempts))
         .values(
@@ -82,5 +95,20 @@ def give_up(where: ColumnElement[bool], max_attempts: int, reason: str) -> Updat
             error=envelope,
             error_status=case((attempts_left, WorkerLostError.status_code), else_=500),
         )
-        .returning(Job.id, Job.batch_id, streamed())
+        .returning(Job.id, Job.batch_id, streamed().label("stream"))
+        .cte("failed")
     )
+    per_batch = (
+        select(failed.c.batch_id, func.count().label("jobs"))
+        .where(failed.c.batch_id.is_not(None))
+        .group_by(failed.c.batch_id)
+        .subquery()
+    )
+    counted = (
+        update(Batch)
+        .where(Batch.id == per_batch.c.batch_id)
+        .values(failed=Batch.failed + per_batch.c.jobs)
+        .returning(Batch.id)
+        .cte("counted")
+    )
+    return select(failed.c.id, failed.c.batch_id, failed.c.stream).add_cte(counted)

@@ -33,7 +33,8 @@ LOOKUPS_CHANGED_CHANNEL = "ferry:lookups:changed"
 # The API publishes a job id here to cancel it; the worker running it aborts it in the engine.
 JOB_CANCEL_CHANNEL = "ferry:jobs:cancel"
 # A streamed job's chunks: entries {"chunk": JSON} ..., then {"done": "1"} or
-# {"error": envelope JSON, "status": HTTP status}. Kept this long after the job ends.
+# {"error": envelope JSON, "status": HTTP status}. Kept this long after its last entry (the API
+# deletes it once delivered): see add_to_stream.
 STREAM_TTL_SECONDS = 600
 # Hash: worker id -> WorkerBeat JSON. A beat older than the TTL means the worker is gone.
 WORKERS_KEY = "ferry:workers"
@@ -112,9 +113,19 @@ def _send_chunk(celery: Celery, producer: Any, model: str, ids: list[str]) -> No
     celery.send_task(BATCH_TASK, args=[ids], queue=batch_queue_for(model), producer=producer)
 
 
+# A stored result rides with its job-done notification only up to this size; a larger one is
+# read back from Postgres. Pub/sub sends every message whole to every API process, and Redis
+# disconnects a subscriber whose output buffer overflows (32 MiB by default).
+NOTIFIED_RESULT_MAX_BYTES = 64 << 10
+
+
 def job_done_message(job_id: str, outcome: dict[str, Any] | None = None) -> str:
-    """What a worker publishes on JOB_DONE_CHANNEL; `outcome` only if it is what was stored."""
-    return job_id if outcome is None else json.dumps({"id": job_id, **outcome})
+    """What a worker publishes on JOB_DONE_CHANNEL: the job's id, with `outcome` (only what was
+    stored) if it is small enough."""
+    if outcome is None:
+        return job_id
+    message = json.dumps({"id": job_id, **outcome})
+    return message if len(message) <= NOTIFIED_RESULT_MAX_BYTES else job_id
 
 
 def read_job_done(data: bytes | str) -> tuple[str, dict[str, Any] | None]:
@@ -129,6 +140,16 @@ def read_job_done(data: bytes | str) -> tuple[str, dict[str, Any] | None]:
 def stream_key(job_id: str) -> str:
     """The Redis stream a streamed job's chunks travel through, from the worker to the API."""
     return f"ferry:stream:{job_id}"
+
+
+def add_to_stream(pipe: Any, job_id: str, entry: dict[Any, Any]) -> None:
+    """Queue an entry of a job's stream on a Redis pipeline (sync or asyncio), with the stream's
+    expiry: each write sets it again, so that a stream lives STREAM_TTL_SECONDS past its last
+    entry whoever writes it (worker, API, reconciler) and whether or not anyone ends or reads it.
+    Every XADD to a job's stream goes through here: Redis has no XADD that sets a TTL."""
+    key = stream_key(job_id)
+    pipe.xadd(key, entry)
+    pipe.expire(key, STREAM_TTL_SECONDS)
 
 
 def make_celery(settings: CoreSettings, name: str = "ferry") -> Celery:

@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -51,7 +51,8 @@ class ApiSettings(CoreSettings):
     sync_timeout_seconds: float = Field(default=600.0, gt=0)
     db_pool_size: int = Field(default=20, ge=1)
     # API keys and served models are read from Postgres at most once per this many seconds per
-    # API process: a revoked key, or a model's new capabilities, take effect within it.
+    # API process: a revoked key, or a model's new capabilities, take effect within it. A wrong
+    # key is remembered as long: a key created after a client tried it works within it.
     lookup_cache_seconds: float = Field(default=5.0, ge=0)
     # Limits on what a request may send (413 or 400 past them; see README, "Limits").
     # A request body, counted as it arrives; POST /v1/files has max_upload_bytes instead.
@@ -65,12 +66,30 @@ class ApiSettings(CoreSettings):
     max_json_depth: int = Field(default=64, ge=2)
     # One line of a batch input file.
     max_batch_line_bytes: int = Field(default=1 << 20, ge=1024)
+    # The most output one request may ask for (core/output_limits.py): choices x tokens, where a
+    # request without max tokens counts the model's whole context; 262,144 is OpenAI's most
+    # choices (128) over a 2,048-token context.
+    max_output_tokens: int = Field(default=262_144, ge=1)
+    # ... and with logprobs, tokens x (1 + top_logprobs): about 16 MB of JSON at the default.
+    max_logprob_entries: int = Field(default=262_144, ge=1)
     # Requests per batch input file (OpenAI's limit is 50,000).
     batch_max_lines: int = Field(default=50_000, ge=1)
+    # Batches an API process validates at once, each parsed in a process of its own (api.parsing);
+    # others wait their turn.
+    batch_validation_concurrency: int = Field(default=2, ge=1)
     # The reconciler's sweep: how often, and how long a queued job may wait with no message in
     # the broker before it is sent again.
     reconcile_seconds: float = Field(default=10.0, gt=0)
     requeue_grace_seconds: float = Field(default=30.0, gt=0)
+    # A `store: false` job's content (its request and result) is purged by the reconciler this
+    # long after the job ends, whether or not its result was delivered (and at once when it is
+    # delivered, unless it has an Idempotency-Key: a retry within this time gets its result).
+    unstored_purge_seconds: float = Field(default=300.0, ge=0)
+    # GET /metrics answers only a scraper that sends this as its bearer token; empty (the
+    # default) refuses every scrape, so nothing about the fleet is open on the API's port.
+    metrics_token: SecretStr = SecretStr("")
+    # Interactive API docs at /docs (Swagger UI, served by the API itself, nothing from a CDN).
+    docs: bool = True
 
 
 class WorkerSettings(CoreSettings):
@@ -94,6 +113,9 @@ class WorkerSettings(CoreSettings):
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     # Prometheus metrics served on this port at /metrics; 0 turns them off.
     metrics_port: int = Field(default=9400, ge=0, le=65535)
+    # The address they listen on: this host only by default; 0.0.0.0 (all interfaces) where a
+    # private network stands between them and the world, as in docker-compose.yml.
+    metrics_host: str = "127.0.0.1"
     # A chat template file; empty means the model's own (the default model: Ferry's, with tools).
     chat_template: str = ""
     # vLLM's tool-call parser for tool_choice "auto" (e.g. hermes, xlam); empty means none

@@ -16,6 +16,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    false,
     func,
     text,
 )
@@ -65,6 +66,9 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     # The first characters of the key, to tell keys apart in listings.
     key_prefix: Mapped[str] = mapped_column(String(32))
+    # An admin key also sees the whole fleet on the dashboard: every worker (host, pid), every
+    # project's queues and throughput. Other keys see only their project's.
+    admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = _now_column()
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -79,6 +83,8 @@ class ServedModel(Base):
     capabilities: Mapped[list[str]] = mapped_column(Json, default=list, server_default="[]")
     # Changes when the model's files or the engine change (the response's system_fingerprint).
     system_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # The serving workers' context length (tokens): what a request without max_tokens may get.
+    max_model_len: Mapped[int | None] = mapped_column(Integer)
     first_served_at: Mapped[datetime] = _now_column()
     last_served_at: Mapped[datetime] = _now_column()
 
@@ -145,6 +151,14 @@ class Batch(Base):
     # Lines read, and lines that failed validation (they are never jobs).
     total: Mapped[int] = mapped_column(Integer, default=0)
     invalid: Mapped[int] = mapped_column(Integer, default=0)
+    # Its jobs that have ended, counted in the transaction that ends them (workers/jobs.py,
+    # core/handback.py), so that showing a batch reads none of its jobs: those that succeeded
+    # ("completed"), those that failed (invalid lines apart), and the succeeded ones' usage.
+    # Cancelled and expired jobs are in neither count.
+    completed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = _now_column()
     in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

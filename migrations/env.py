@@ -19,7 +19,10 @@ def run_offline() -> None:
 
 def run_online() -> None:
     connectable = engine_from_config(
-        {"sqlalchemy.url": url}, prefix="sqlalchemy.", poolclass=pool.NullPool
+        {"sqlalchemy.url": url},
+        prefix="sqlalchemy.",
+        poolclass=pool.NullPool,
+        hide_parameters=True,  # as core.db's engines: no client data in error text
     )
     with connectable.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata)

@@ -24,6 +24,24 @@ def test_keys_create_prints_the_key_once_and_stores_only_its_hash(stack: Stack, 
     assert rows[0]["id"] in listed and key not in listed
 
 
+def test_keys_create_admin_marks_the_key_and_list_says_so(stack: Stack, db: Engine):
+    out = stack.ferry("keys", "create", "cli-admin", "--project", "ops", "--admin")
+    assert "created admin key" in out
+    key = out.strip().splitlines()[-1]
+    assert key.startswith("sk-ferry-")
+    ordinary = stack.create_key("cli-ordinary", "ops")
+    with db.connect() as conn:
+        rows = conn.execute(
+            text("SELECT name, admin FROM api_keys WHERE name IN ('cli-admin', 'cli-ordinary')")
+        )
+        admin = {name: is_admin for name, is_admin in rows}
+    assert admin == {"cli-admin": True, "cli-ordinary": False}
+    listed = stack.ferry("keys", "list")
+    rows = {line.split("\t")[1]: line.split("\t") for line in listed.splitlines()}
+    assert rows["cli-admin"][-1] == "admin" and rows["cli-ordinary"][-1] == "project"
+    assert key not in listed and ordinary not in listed
+
+
 def test_revoked_key_gets_401_at_once(stack: Stack):
     key = stack.create_key("to-revoke")
     key_id = [line for line in stack.ferry("keys", "list").splitlines() if "to-revoke" in line]

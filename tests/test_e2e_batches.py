@@ -224,3 +224,127 @@ def test_cli_submits_waits_and_downloads(live_worker, api_key, tmp_path) -> None
     errors = [json.loads(x) for x in (tmp_path / "requests.errors.jsonl").read_text().splitlines()]
     assert sorted(o["custom_id"] for o in output) == sorted(f"cli-{i}" for i in range(8))
     assert [e["error"]["line"] for e in errors] == [9]
+
+
+def test_an_oversized_custom_id_fails_its_line_alone(client: openai.OpenAI) -> None:
+    long_id = "x" * 600  # custom_id columns hold 512 characters
+    lines = [line("ok-1", max_tokens=1), line(long_id), line("ok-2", max_tokens=1)]
+    lines.append(line("ok-3", max_tokens=1))
+    batch = client.batches.create(
+        input_file_id=upload(client, lines).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    done = wait_until(client, batch.id, {"completed", "failed"})
+    assert done.status == "completed"
+    counts = done.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (4, 3, 1)
+    output = read_jsonl(client, done.output_file_id)
+    assert sorted(o["custom_id"] for o in output) == ["ok-1", "ok-2", "ok-3"]
+    (error,) = read_jsonl(client, done.error_file_id)
+    assert error["custom_id"] is None and error["response"] is None
+    assert error["error"]["line"] == 2
+    assert (error["error"]["code"], error["error"]["param"]) == (
+        "string_above_max_length",
+        "custom_id",
+    )
+    assert "maximum length 512" in error["error"]["message"]
+
+
+def test_every_column_limit_fails_its_line_alone(client: openai.OpenAI) -> None:
+    bad = {
+        "metadata key": (line("k", metadata={"k" * 65: "v"}), "string_above_max_length"),
+        "metadata value": (line("v", metadata={"k": "v" * 513}), "string_above_max_length"),
+        "metadata pairs": (
+            line("p", metadata={f"k{i}": "v" for i in range(17)}),
+            "object_above_max_properties",
+        ),
+        "model name": (line("m", model="m" * 300), "model_not_found"),
+        "NaN": (line("n", temperature=1).replace('"temperature": 1', '"temperature": NaN'), None),
+    }
+    good = [line(f"g-{i}", max_tokens=1) for i in range(3)]
+    lines = good[:2] + [text_ for text_, _ in bad.values()] + good[2:]
+    batch = client.batches.create(
+        input_file_id=upload(client, lines).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    done = wait_until(client, batch.id, {"completed", "failed"})
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, len(bad))
+    errors = {e["error"]["line"]: e["error"] for e in read_jsonl(client, done.error_file_id)}
+    codes = [errors[3 + i]["code"] for i in range(len(bad))]
+    assert codes == [code or "invalid_json" for _, code in bad.values()]
+    for error in errors.values():
+        assert "character varying" not in error["message"]
+
+
+def test_a_file_name_the_table_cannot_hold_is_400(http, db: Engine) -> None:
+    with db.connect() as conn:
+        before = conn.execute(text("SELECT count(*) FROM files")).scalar_one()
+    data = (line("a") + "\n").encode()
+    response = http.post(
+        "/v1/files",
+        files={"file": ("x" * 1100 + ".jsonl", data)},
+        data={"purpose": "batch"},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("file", "string_above_max_length")
+    assert "character varying" not in error["message"]
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM files")).scalar_one() == before
+    longest = "x" * (1024 - len(".jsonl")) + ".jsonl"
+    response = http.post("/v1/files", files={"file": (longest, data)}, data={"purpose": "batch"})
+    assert response.status_code == 200, response.text
+    assert response.json()["filename"] == longest
+
+
+def test_database_error_text_never_reaches_the_client(http) -> None:
+    # A NUL in a path is refused by the database driver: the client learns only that.
+    error = http.get("/v1/files/file-%00").json()["error"]
+    assert error["code"] == "invalid_value"
+    assert error["message"] == "The request holds a value that cannot be stored."
+
+
+def test_a_batch_cancelled_while_it_validates_stops_creating_jobs(
+    client: openai.OpenAI, db: Engine
+) -> None:
+    count = 50_000
+    lines = [line(f"v-{i}", max_tokens=1) for i in range(count)]
+    batch = client.batches.create(
+        input_file_id=upload(client, lines).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+
+    def jobs() -> dict[str, int]:
+        with db.connect() as conn:
+            rows = conn.execute(
+                text("SELECT status, count(*) FROM jobs WHERE batch_id = :b GROUP BY status"),
+                {"b": batch.id},
+            ).all()
+        return {status: int(n) for status, n in rows}
+
+    deadline = time.monotonic() + 120
+    while not jobs():  # its first lines are jobs: it is midway
+        assert time.monotonic() < deadline
+        assert client.batches.retrieve(batch.id).status == "validating"
+        time.sleep(0.05)
+    assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    done = wait_until(client, batch.id, {"cancelled"})
+    created = jobs()
+    time.sleep(3)  # time enough for the validation to have gone on, had it not stopped
+    assert jobs() == created
+    assert set(created) == {"cancelled"}  # none was sent to a worker
+    assert 0 < done.request_counts.total < count
+    assert done.request_counts.completed == 0
+    errors = read_jsonl(client, done.error_file_id)
+    assert len(errors) == sum(created.values())
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    with db.connect() as conn:
+        started = conn.execute(
+            text("SELECT count(*) FROM jobs WHERE batch_id = :b AND started_at IS NOT NULL"),
+            {"b": batch.id},
+        ).scalar_one()
+    assert started == 0

@@ -1,7 +1,11 @@
 """The dashboard opened in real headless Chromium (Debian's package) while a batch runs: it shows
-the batch with its progress bar and the live worker with its model; a screenshot is kept at
-test-artifacts/dashboard.png. Its throughput figure is the sum of its chart's last minute."""
+an admin key the batch with its progress bar and the live worker with its model; a screenshot is
+kept at test-artifacts/dashboard.png. Its throughput figure is the sum of its chart's last minute.
+An ordinary key sees its project's figures only, and no worker. The pages (the dashboard, /docs)
+run under their Content-Security-Policy with nothing from another origin, the key lives in the
+tab's session storage until "Forget key", and every response carries the security headers."""
 
+import contextlib
 import io
 import json
 import math
@@ -10,16 +14,24 @@ import shutil
 import struct
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 import redis
 from sqlalchemy import Engine, text
+from websockets.sync.client import ClientConnection, connect
 
+from api.app import create_app
+from api.headers import page_policy
+from api.routes.docs import VERSION as SWAGGER_UI
 from bench.stack import Stack
 from core.queue import WORKERS_KEY, live_beats
+from core.settings import ApiSettings
 from tests.conftest import MODEL
 from workers.self_check import DEFAULT_CHECKS
 
@@ -56,6 +68,122 @@ def open_in_chromium(url: str, profile: Path, screenshot: Path) -> str:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+# Run in each page before its own scripts: every Content-Security-Policy violation, kept.
+RECORD_VIOLATIONS = """
+window.violations = [];
+document.addEventListener("securitypolicyviolation", (e) => {
+  window.violations.push(e.violatedDirective + " " + e.blockedURI);
+});
+"""
+
+
+class Browser:
+    """One page of headless Chromium, driven over the DevTools protocol: for what a dump of the
+    DOM cannot show (storage, clicks, policy violations, what the page fetched)."""
+
+    def __init__(self, profile: Path) -> None:
+        profile.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--user-data-dir={profile}",
+                "--remote-debugging-port=0",
+                "--window-size=1280,900",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert self.proc.poll() is None, "Chromium exited at start"
+            assert time.monotonic() < deadline, "Chromium's DevTools did not open"
+            time.sleep(0.1)
+        port = port_file.read_text().split()[0]
+        targets = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
+        page = next(t for t in targets if t["type"] == "page")
+        self.exits = contextlib.ExitStack()
+        self.ws: ClientConnection = self.exits.enter_context(
+            connect(page["webSocketDebuggerUrl"], max_size=None)
+        )
+        self.calls = 0
+        self.call("Page.enable")
+        self.call("Page.addScriptToEvaluateOnNewDocument", source=RECORD_VIOLATIONS)
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.calls += 1
+        self.ws.send(json.dumps({"id": self.calls, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=30))
+            if message.get("id") == self.calls:
+                assert "error" not in message, message
+                return message["result"]
+
+    def eval(self, expression: str) -> Any:
+        result = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, seconds: float = 30) -> Any:
+        deadline = time.monotonic() + seconds
+        while not (found := self.eval(expression)):
+            assert time.monotonic() < deadline, f"still not {expression} after {seconds:g} s"
+            time.sleep(0.2)
+        return found
+
+    def open(self, url: str) -> None:
+        """Load `url` and wait for its load event (not the previous page's)."""
+        self.eval("window.left = true")
+        self.call("Page.navigate", url=url)
+        self.wait_for("!window.left && document.readyState === 'complete' && !!window.violations")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.exits.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    chromium()
+    page = Browser(tmp_path / "devtools-profile")
+    try:
+        yield page
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def admin_key(stack: Stack) -> str:
+    """An admin key in the suite's project."""
+    out = stack.ferry("keys", "create", "dashboard-admin", "--admin")
+    return out.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def stranger(stack: Stack) -> tuple[str, str]:
+    """An ordinary key of a project of its own, which has nothing yet; (key, project)."""
+    project = f"stranger-{uuid.uuid4().hex[:8]}"
+    return stack.create_key("dashboard-stranger", project), project
+
+
+def as_key(stack: Stack, key: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=stack.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    )
 
 
 def throughput_in_dom(dom: str) -> tuple[float, list[int], list[bool]]:
@@ -163,6 +291,9 @@ def test_page_is_served_and_its_data_needs_a_key(stack: Stack, http: httpx.Clien
     page = httpx.get(f"{stack.base_url}/dashboard")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "<script" in page.text and "http://" not in page.text.replace("http://www.w3.org", "")
+    assert "https://" not in page.text and "localStorage.setItem" not in page.text
+    policy = page.headers["content-security-policy"]
+    assert policy == page_policy(page.text) and "unsafe" not in policy
     for path in ("workers", "batches", "throughput"):
         assert httpx.get(f"{stack.base_url}/v1/dashboard/{path}").status_code == 401
         assert http.get(f"/v1/dashboard/{path}").status_code == 200
@@ -175,7 +306,7 @@ def test_page_is_served_and_its_data_needs_a_key(stack: Stack, http: httpx.Clien
 
 @pytest.mark.e2e
 def test_dashboard_shows_a_running_batch_in_chromium(
-    client: openai.OpenAI, live_worker: Stack, api_key: str, tmp_path: Path
+    client: openai.OpenAI, live_worker: Stack, admin_key: str, tmp_path: Path
 ) -> None:
     chromium()
     # 32 short answers end first; 8 long ones keep the batch running for a minute or more
@@ -214,8 +345,9 @@ def test_dashboard_shows_a_running_batch_in_chromium(
 
         screenshot = live_worker.log_dir / "dashboard.png"
         screenshot.unlink(missing_ok=True)
+        # An admin key of the batch's project: the batch, and the workers too.
         dom = open_in_chromium(
-            f"{live_worker.base_url}/dashboard#key={api_key}", tmp_path / "profile", screenshot
+            f"{live_worker.base_url}/dashboard#key={admin_key}", tmp_path / "profile", screenshot
         )
         (live_worker.log_dir / "dashboard.html").write_text(dom)
     finally:
@@ -242,9 +374,190 @@ def test_dashboard_shows_a_running_batch_in_chromium(
         checks = len(DEFAULT_CHECKS)
         assert f'<td class="self-check">passed: {checks} of {checks} ' in worker.group(0)
     assert f'<tr data-model="{MODEL}">' in dom
-    assert 'id="status">live<' in dom
+    assert 'id="status">live<' in dom and 'id="scope">admin: every project<' in dom
     # The throughput chart: one bar per 10 s over 10 minutes, and beside it the last minute's.
     assert dom.count('class="bucket') == 60
     assert_the_figure_is_the_charts_last_minute(dom)
     width, height = png_size(screenshot)
     assert (width, height) == (1280, 900) and screenshot.stat().st_size > 20_000
+
+
+def queue_jobs(db: Engine, name: str, count: int) -> None:
+    """`count` queued jobs of the suite's key, ids `name`-1..; no message is sent for them, and
+    the reconciler leaves them be for an hour (it sends again only jobs queued a while ago)."""
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, project, api_key_id, model, status, store, attempts,"
+                " created, queued_at)"
+                " SELECT :name || '-' || n, k.project, k.id, :model, 'queued', false, 0,"
+                " extract(epoch from now())::bigint, now() + interval '1 hour'"
+                " FROM (SELECT project, id FROM api_keys WHERE name = 'suite' LIMIT 1) AS k,"
+                " generate_series(1, :count) AS n"
+            ),
+            {"name": name, "model": MODEL, "count": count},
+        )
+
+
+@pytest.mark.e2e
+def test_an_ordinary_key_sees_its_project_only(
+    live_worker: Stack,
+    http: httpx.Client,
+    db: Engine,
+    admin_key: str,
+    stranger: tuple[str, str],
+) -> None:
+    ids = f"chatcmpl-scope{time.time_ns()}"
+    beats, _ = live_beats(redis.Redis.from_url(live_worker.redis_url).hgetall(WORKERS_KEY), 15)
+    assert beats
+    try:
+        # The suite's project: 5 jobs waiting for the model, 2 that ended 5 s ago.
+        queue_jobs(db, f"{ids}-queued", 5)
+        finish_jobs(db, f"{ids}-done", 2, 700, 5)
+        key, project = stranger
+        with as_key(live_worker, key) as other, as_key(live_worker, admin_key) as admin:
+            # Another project's key: its own (empty) queues, no worker, no host, no pid.
+            workers = other.get("/v1/dashboard/workers").json()
+            assert workers["scope"] == "project" and workers["project"] == project
+            assert "workers" not in workers
+            shown = json.dumps(workers)
+            for beat in beats:
+                assert beat.hostname not in shown and beat.worker_id not in shown
+            queue = {m["model"]: m for m in workers["models"]}[MODEL]
+            assert (queue["queued"], queue["running"]) == (0, 0) and queue["workers"] >= 1
+            assert all(set(f) == {"model", "at"} for f in workers["refused"])
+            assert other.get("/v1/dashboard/batches").json()["data"] == []
+            throughput = other.get("/v1/dashboard/throughput").json()
+            assert throughput["scope"] == "project"
+            assert throughput["total"]["output_tokens"] == throughput["total"]["completions"] == 0
+
+            # The suite's own key: its project's queue and throughput.
+            mine = http.get("/v1/dashboard/workers").json()
+            assert mine["scope"] == "project" and "workers" not in mine
+            assert {m["model"]: m for m in mine["models"]}[MODEL]["queued"] >= 5
+            minute = http.get("/v1/dashboard/throughput").json()["last_minute"]
+            assert minute["output_tokens"] >= 1400 and minute["completions"] >= 2
+
+            # An admin key: every worker, with its host and pid, and every project's figures.
+            fleet = admin.get("/v1/dashboard/workers").json()
+            assert fleet["scope"] == "fleet"
+            listed = {w["id"]: w for w in fleet["workers"]}
+            for beat in beats:
+                assert listed[beat.worker_id]["hostname"] == beat.hostname
+                assert listed[beat.worker_id]["pid"] == beat.pid
+            assert {m["model"]: m for m in fleet["models"]}[MODEL]["queued"] >= 5
+            everyone = admin.get("/v1/dashboard/throughput").json()
+            assert everyone["scope"] == "fleet"
+            assert everyone["last_minute"]["output_tokens"] >= minute["output_tokens"]
+    finally:
+        with db.begin() as conn:
+            conn.execute(text("DELETE FROM jobs WHERE id LIKE :ids"), {"ids": f"{ids}-%"})
+
+
+@pytest.mark.e2e
+def test_an_ordinary_keys_page_keeps_the_key_in_the_tab_until_forgotten(
+    live_worker: Stack, browser: Browser, stranger: tuple[str, str]
+) -> None:
+    key, project = stranger
+    base = live_worker.base_url
+    browser.open(f"{base}/dashboard#key={key}")
+    browser.wait_for("document.getElementById('status').textContent === 'live'")
+    # The key left the address bar for the tab's session storage; local storage holds nothing.
+    assert browser.eval("location.hash") == ""
+    assert browser.eval("sessionStorage.getItem('ferry.apiKey')") == key
+    assert browser.eval("localStorage.length") == 0
+    # The project's view: its queues, no workers table.
+    assert browser.eval("document.getElementById('workers-card').hidden") is True
+    assert browser.eval("document.querySelectorAll('#workers tr[data-worker-id]').length") == 0
+    assert browser.eval("document.getElementById('scope').textContent") == f"project {project}"
+    assert browser.eval(f"!!document.querySelector('#queues tr[data-model=\"{MODEL}\"]')")
+    # A reload keeps it (the same tab) ...
+    browser.open(f"{base}/dashboard")
+    browser.wait_for("document.getElementById('status').textContent === 'live'")
+    # ... "Forget key" removes it at once, and a reload asks again.
+    browser.eval("document.getElementById('forget-key').click()")
+    assert browser.eval("sessionStorage.getItem('ferry.apiKey')") is None
+    assert browser.eval("document.getElementById('board').hidden") is True
+    assert browser.eval("document.getElementById('key-form').hidden") is False
+    time.sleep(2.5)  # a refresh already on its way shows nothing
+    assert browser.eval("document.getElementById('board').hidden") is True
+    browser.open(f"{base}/dashboard")
+    assert browser.eval("document.getElementById('key-form').hidden") is False
+    assert browser.eval("document.getElementById('status').textContent") == "no API key"
+    assert browser.eval("window.violations") == []
+
+
+def test_a_key_left_in_local_storage_by_an_older_page_is_removed(
+    stack: Stack, browser: Browser
+) -> None:
+    browser.open(f"{stack.base_url}/healthz")
+    browser.eval("localStorage.setItem('ferry.apiKey', 'sk-ferry-old')")
+    browser.open(f"{stack.base_url}/dashboard")
+    assert browser.eval("localStorage.getItem('ferry.apiKey')") is None
+    assert browser.eval("document.getElementById('key-form').hidden") is False
+
+
+def test_docs_come_from_the_api_itself(stack: Stack, browser: Browser) -> None:
+    base = stack.base_url
+    page = httpx.get(f"{base}/docs")
+    assert page.status_code == 200
+    assert "https://" not in page.text and "http://" not in page.text
+    policy = page.headers["content-security-policy"]
+    assert policy == page_policy(page.text) and "unsafe" not in policy
+    for asset in re.findall(r'(?:src|href)="(/docs/assets/[^"]+)"', page.text):
+        served = httpx.get(f"{base}{asset}")
+        assert served.status_code == 200 and "immutable" in served.headers["cache-control"]
+    assert httpx.get(f"{base}/docs/assets/{SWAGGER_UI}/index.html").status_code == 404
+    assert httpx.get(f"{base}/redoc").status_code == 404
+
+    browser.open(f"{base}/docs")
+    # Swagger UI drew every operation of the document, under the page's policy.
+    browser.wait_for("document.querySelectorAll('.opblock').length > 20")
+    assert browser.eval("document.body.textContent.includes('/v1/chat/completions')")
+    assert browser.eval("window.violations") == []
+    fetched = browser.eval("performance.getEntriesByType('resource').map((e) => e.name)")
+    assert fetched and all(url.startswith(f"{base}/") for url in fetched), fetched
+
+
+def test_security_headers_on_every_response(stack: Stack, http: httpx.Client) -> None:
+    answers = [
+        http.get("/healthz"),
+        http.get("/v1/models"),
+        http.get("/v1/dashboard/throughput"),
+        http.get("/openapi.json"),
+        http.get("/no/such/path"),
+        httpx.get(f"{stack.base_url}/v1/models"),  # 401 from the auth middleware
+        httpx.get(f"{stack.base_url}/metrics"),
+        httpx.get(f"{stack.base_url}/dashboard"),
+        httpx.get(f"{stack.base_url}/docs"),
+    ]
+    for answer in answers:
+        headers = answer.headers
+        where = f"{answer.request.url.path} ({answer.status_code})"
+        assert headers["x-content-type-options"] == "nosniff", where
+        assert headers["x-frame-options"] == "DENY", where
+        assert headers["referrer-policy"] == "no-referrer", where
+        assert "frame-ancestors 'none'" in headers["content-security-policy"], where
+    # Anything but a page may run nothing at all.
+    assert answers[0].headers["content-security-policy"].startswith("default-src 'none';")
+    assert "script-src" not in answers[1].headers["content-security-policy"]
+
+
+def test_page_policy_allows_the_pages_own_inline_code_only() -> None:
+    html = "<style>b { color: red; }</style><script>go();</script><script src='/x.js'></script>"
+    policy = page_policy(html)
+    # The SHA-256 of "go();" and of "b { color: red; }", base64, as browsers compute them.
+    assert "script-src 'self' 'sha256-bYOqbsii8BMz1hC57p5sZG4K4cMuk6QQDiwupM2aRMM=';" in policy
+    assert "style-src 'self' 'sha256-K7wBnJev2A/HN5dIkwuPGm8ZO0MR8u5EXZ0CyYxMWlc=';" in policy
+    assert policy.count("'sha256-") == 2 and "unsafe" not in policy
+    assert page_policy(html.replace("go()", "evil()")) != policy
+
+
+def test_docs_can_be_turned_off() -> None:
+    def paths(settings: ApiSettings) -> set[str]:
+        return {getattr(route, "path", "") for route in create_app(settings).routes}
+
+    assert {"/docs", "/openapi.json"} <= paths(ApiSettings(_env_file=None))
+    off = paths(ApiSettings(_env_file=None, docs=False))
+    assert "/docs" not in off and "/openapi.json" in off
+    assert not {"/redoc", "/docs/oauth2-redirect"} & off

@@ -3,11 +3,22 @@
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Table, and_, bindparam, case, func, null, or_, update
+from sqlalchemy import (
+    CursorResult,
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.tables import Job, JobStatus
+from core.tables import Batch, Job, JobStatus
 
 
 @dataclass
@@ -66,6 +77,8 @@ class Outcome:
     response: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     error_status: int | None = None
+    # The job's batch, whose counts its end moves.
+    batch_id: str | None = None
 
     def sent(self) -> dict[str, Any]:
         """The outcome as the job-done notification carries it."""
@@ -75,7 +88,11 @@ class Outcome:
 
 
 def finish_many(session: Session, outcomes: list[Outcome]) -> int:
-    """Store many jobs' results in two statements (sent in one pipeline); how many were stored."""
+    """Store many jobs' results in two statements (sent in one pipeline); how many were stored.
+
+    The batches of the jobs stored count them in the same transaction.
+    """
+    ending = _lock_open_batch_jobs(session, outcomes)
     succeeded = []
     failed = []
     for o in outcomes:
@@ -133,4 +150,57 @@ def finish_many(session: Session, outcomes: list[Outcome]) -> int:
             )
         )
         stored += cast(CursorResult, session.connection().execute(statement, params)).rowcount
+    _count_in_batches([o for o in outcomes if o.job_id in ending], session)
     return stored
+
+
+def _lock_open_batch_jobs(session: Session, outcomes: list[Outcome]) -> set[str]:
+    """The batch jobs among `outcomes` that have not ended, locked until the transaction ends: the
+    statements that store results then end exactly these, and their batches count exactly these."""
+    ids = [o.job_id for o in outcomes if o.batch_id is not None]
+    if not ids:
+        return set()
+    return set(
+        session.scalars(
+            select(Job.id)
+            .where(Job.id.in_(ids), Job.status.in_([JobStatus.queued, JobStatus.running]))
+            .order_by(Job.id)
+            .with_for_update()
+        )
+    )
+
+
+def _count_in_batches(ended: list[Outcome], session: Session) -> None:
+    """Add jobs that have just ended to their batches' counts and usage.
+
+    One increment per batch, in batch id order: transactions that count in the same batches
+    take their row locks in the same order.
+    """
+    counts: dict[str, dict[str, Any]] = {}
+    for o in ended:
+        assert o.batch_id is not None
+        batch = counts.setdefault(
+            o.batch_id,
+            {"batch": o.batch_id, "ok": 0, "not_ok": 0, "prompt": 0, "completion": 0},
+        )
+        if o.response is not None:
+            usage = o.response.get("usage") or {}
+            batch["ok"] += 1
+            batch["prompt"] += usage.get("prompt_tokens") or 0
+            batch["completion"] += usage.get("completion_tokens") or 0
+        elif o.error is not None:
+            batch["not_ok"] += 1
+    if not counts:
+        return
+    table = cast(Table, Batch.__table__)
+    session.connection().execute(
+        update(table)
+        .where(table.c.id == bindparam("batch"))
+        .values(
+            completed=table.c.completed + bindparam("ok"),
+            failed=table.c.failed + bindparam("not_ok"),
+            prompt_tokens=table.c.prompt_tokens + bindparam("prompt"),
+            completion_tokens=table.c.completion_tokens + bindparam("completion"),
+        ),
+        [counts[batch_id] for batch_id in sorted(counts)],
+    )

@@ -87,7 +87,11 @@ def announce_model(
     sessions, client: redis.Redis, settings: WorkerSettings, fingerprint: str
 ) -> None:
     """Record that this model is served: requests for it are accepted from now on."""
-    values = {"capabilities": settings.capabilities, "system_fingerprint": fingerprint}
+    values = {
+        "capabilities": settings.capabilities,
+        "system_fingerprint": fingerprint,
+        "max_model_len": settings.max_model_len,
+    }
     with sessions.begin() as session:
         session.execute(
             insert(ServedModel)
@@ -263,7 +267,12 @@ def run(settings: WorkerSettings, loglevel: str = "INFO") -> None:
         engine,
     )
     heartbeat.start()
-    metrics.serve(settings.metrics_port, model=settings.model, worker_id=worker_id)
+    metrics.serve(
+        settings.metrics_port,
+        model=settings.model,
+        worker_id=worker_id,
+        host=settings.metrics_host,
+    )
     app = tasks.app
     app.conf.broker_url = settings.redis_url
     try:

@@ -1,4 +1,4 @@
-"""A worker's Prometheus metrics, served at http://HOST:FERRY_METRICS_PORT/metrics.
+"""A worker's Prometheus metrics, served at http://FERRY_METRICS_HOST:FERRY_METRICS_PORT/metrics.
 
 The task code calls `job_started` when it hands jobs to the engine, `job_finished` when each
 ends (`job_released` for one handed back unfinished), and `engine_error` when the engine fails.
@@ -75,8 +75,8 @@ def engine_error() -> None:
     ENGINE_ERRORS.inc()
 
 
-def serve(port: int, model: str = "", worker_id: str = "") -> None:
-    """Serve the metrics on `port` (all interfaces) from a daemon thread; 0 serves nothing.
+def serve(port: int, model: str = "", worker_id: str = "", host: str = "127.0.0.1") -> None:
+    """Serve the metrics on `host`:`port` from a daemon thread; port 0 serves nothing.
 
     A port already taken is logged and skipped: metrics are not worth a worker.
     """
@@ -84,8 +84,8 @@ def serve(port: int, model: str = "", worker_id: str = "") -> None:
     if not port:
         return
     try:
-        start_http_server(port)
+        start_http_server(port, addr=host)
     except OSError as exc:
-        log.error("metrics not served: port %d: %s", port, exc)
+        log.error("metrics not served: %s:%d: %s", host, port, exc)
         return
-    log.info("metrics at http://0.0.0.0:%d/metrics", port)
+    log.info("metrics at http://%s:%d/metrics", host, port)

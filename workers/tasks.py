@@ -27,13 +27,12 @@ from core.queue import (
     CHAT_COMPLETION_TASK,
     JOB_CANCEL_CHANNEL,
     JOB_DONE_CHANNEL,
-    STREAM_TTL_SECONDS,
+    add_to_stream,
     batch_queue_for,
     job_done_message,
     make_celery,
     send_jobs,
 )
-from core.queue import stream_key as job_stream_key
 from core.settings import WorkerSettings
 from workers import jobs, metrics, shaping
 from workers.engine import EngineDead, LoopHost, kill_engine_processes
@@ -41,6 +40,10 @@ from workers.engine import EngineDead, LoopHost, kill_engine_processes
 log = logging.getLogger(__name__)
 
 app = make_celery(WorkerSettings(), "ferry-worker")
+
+# What a client reads when the engine fails on its request; the cause goes to the worker's log
+# only (engine and database text can name internals and other requests' values).
+ENGINE_FAILED = "The engine failed on this request; its worker's log has the cause."
 
 
 @dataclass
@@ -79,7 +82,6 @@ async def relay_stream(
     rt: Runtime, job_id: str, fields: dict[str, Any], answering: shaping.Answering
 ) -> dict[str, Any]:
     """Stream a job's chunks into its Redis stream as they come; the whole completion at the end."""
-    key = job_stream_key(job_id)
     assembler = shaping.StreamAssembler(answering)
     markup = shaping.ToolMarkupFilter() if fields.get("tools") else None
     try:
@@ -89,26 +91,26 @@ async def relay_stream(
             assembler.add(raw)
             shaped = shaping.chunk(raw, answering)
             if shaped is not None:
-                await rt.stream_redis.xadd(key, {"chunk": json.dumps(shaped)})
+                await write_stream(rt, job_id, {"chunk": json.dumps(shaped)})
     except BaseException as exc:
         if isinstance(exc, asyncio.CancelledError):
             error: FerryError = CancelledError()
         elif isinstance(exc, FerryError):
             error = exc
         else:
-            error = EngineError(f"The engine failed: {exc}")
-        await end_stream(
-            rt, key, {"error": json.dumps(error.envelope()), "status": error.status_code}
+            log.error("stream of job %s failed: %r", job_id, exc, extra=logs.job_fields(job_id))
+            error = EngineError(ENGINE_FAILED)
+        await write_stream(
+            rt, job_id, {"error": json.dumps(error.envelope()), "status": error.status_code}
         )
         raise
     return assembler.completion()
 
 
-async def end_stream(rt: Runtime, key: str, entry: dict[Any, Any]) -> None:
-    """The last entry of a job's stream; the stream expires a while later."""
+async def write_stream(rt: Runtime, job_id: str, entry: dict[Any, Any]) -> None:
+    """An entry of a job's stream, whose expiry each write sets again (core.queue)."""
     async with rt.stream_redis.pipeline(transaction=False) as pipe:
-        pipe.xadd(key, entry)
-        pipe.expire(key, STREAM_TTL_SECONDS)
+        add_to_stream(pipe, job_id, entry)
         await pipe.execute()
 
 
@@ -157,23 +159,27 @@ def chat_completion(job_id: str) -> None:
             result = future.result()
         finally:
             rt.inflight.pop(job_id, None)
-        outcome = jobs.Outcome(job_id, result if stream else shaping.completion(result, answering))
+        outcome = jobs.Outcome(
+            job_id,
+            result if stream else shaping.completion(result, answering),
+            batch_id=claimed.batch_id,
+        )
     except concurrent.futures.CancelledError:
         log.info("job %s cancelled", job_id, extra=logs.job_fields(job_id, worker=rt.worker_id))
         metrics.job_finished("cancelled")
     except EngineDead as exc:
         die(rt, exc)
     except FerryError as exc:
-        outcome = jobs.Outcome(job_id, None, exc.envelope(), exc.status_code)
-    except Exception as exc:
+        outcome = jobs.Outcome(job_id, None, exc.envelope(), exc.status_code, claimed.batch_id)
+    except Exception:
         log.exception("job %s failed", job_id, extra=logs.job_fields(job_id, worker=rt.worker_id))
         metrics.engine_error()
-        error = EngineError(f"The engine failed on this request: {exc}")
-        outcome = jobs.Outcome(job_id, None, error.envelope(), error.status_code)
+        error = EngineError(ENGINE_FAILED)
+        outcome = jobs.Outcome(job_id, None, error.envelope(), error.status_code, claimed.batch_id)
     stored = _store_outcomes(rt, [outcome]) if outcome is not None else 0
     if stream and outcome is not None and outcome.response is not None:
         # After the result is stored: a client that sees the end can read it back at once.
-        rt.engine.run(end_stream(rt, job_stream_key(job_id), {"done": "1"}))
+        rt.engine.run(write_stream(rt, job_id, {"done": "1"}))
     # What was stored goes with the notification, so the waiting API need not read it back;
     # not for a stream (its client has read the chunks) nor a job that had ended otherwise.
     sent = outcome.sent() if stored and outcome is not None and not stream else None
@@ -236,19 +242,22 @@ def _ended(
 
 def _outcome(job_id: str, answering: shaping.Answering, future: Any) -> jobs.Outcome | None:
     """A finished job's result or error; None if it was cancelled. Raises EngineDead."""
+    batch_id = answering.batch_id
     try:
-        return jobs.Outcome(job_id, shaping.completion(future.result(), answering))
+        return jobs.Outcome(
+            job_id, shaping.completion(future.result(), answering), batch_id=batch_id
+        )
     except concurrent.futures.CancelledError:
         return None
     except EngineDead:
         raise
     except FerryError as exc:
-        return jobs.Outcome(job_id, None, exc.envelope(), exc.status_code)
-    except Exception as exc:
-        log.exception("job %s failed", job_id, extra=logs.job_fields(job_id, answering.batch_id))
+        return jobs.Outcome(job_id, None, exc.envelope(), exc.status_code, batch_id)
+    except Exception:
+        log.exception("job %s failed", job_id, extra=logs.job_fields(job_id, batch_id))
         metrics.engine_error()
-        error = EngineError(f"The engine failed on this request: {exc}")
-        return jobs.Outcome(job_id, None, error.envelope(), error.status_code)
+        error = EngineError(ENGINE_FAILED)
+        return jobs.Outcome(job_id, None, error.envelope(), error.status_code, batch_id)
 
 
 def store_results(rt: Runtime, ended: list[tuple[Chunk, str]]) -> None:
@@ -432,11 +441,13 @@ def hand_back(rt: Runtime, reason: str) -> None:
     for job_id, _batch_id, stream in given_up:
         if stream:
             error = handback.WorkerLostError(reason)
-            with contextlib.suppress(Exception):
-                rt.redis.xadd(
-                    job_stream_key(job_id),
+            with contextlib.suppress(Exception), rt.redis.pipeline(transaction=False) as pipe:
+                add_to_stream(
+                    pipe,
+                    job_id,
                     {"error": json.dumps(error.envelope()), "status": error.status_code},
                 )
+                pipe.execute()
         rt.redis.publish(JOB_DONE_CHANNEL, job_id)
     batches = {b for _, _, b in requeued if b} | {b for _, b, _ in given_up if b}
     for batch_id in batches:

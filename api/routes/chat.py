@@ -69,7 +69,9 @@ async def create_chat_completion(
         raise InvalidRequestError(
             "A streamed request cannot also ask for 'Prefer: respond-async'.", param="stream"
         )
-    job, replayed = await completions.submit(session, key, body, idempotency_key, ctx.lookups)
+    job, replayed = await completions.submit(
+        session, key, body, idempotency_key, ctx.lookups, ctx.settings
+    )
     if replayed and body.stream:
         raise InvalidRequestError(
             f"A streamed request is not replayed; retrieve '{job.id}' instead.",

@@ -8,6 +8,7 @@ from fastapi.responses import HTMLResponse
 from api import dashboard
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
+from api.headers import page_policy
 
 PAGE = Path(__file__).resolve().parent.parent / "static" / "dashboard.html"
 
@@ -15,27 +16,43 @@ router = APIRouter(tags=["dashboard"])
 
 
 @lru_cache(maxsize=1)
-def _page() -> str:
-    return PAGE.read_text(encoding="utf-8")
+def _page() -> tuple[str, str]:
+    html = PAGE.read_text(encoding="utf-8")
+    return html, page_policy(html)
 
 
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
 async def dashboard_page() -> HTMLResponse:
     """The live dashboard; it asks for an API key once and reads /v1/dashboard/*."""
-    return HTMLResponse(_page(), headers={"Cache-Control": "no-cache"})
+    html, policy = _page()
+    return HTMLResponse(
+        html, headers={"Cache-Control": "no-cache", "Content-Security-Policy": policy}
+    )
 
 
 @router.get("/v1/dashboard/workers", responses=ERROR_RESPONSES)
-async def dashboard_workers(_: ApiKeyDep, ctx: ContextDep, session: SessionDep) -> dict[str, Any]:
-    """Live workers (every project's: they are shared), per model its queue, and workers that
-    refused to serve in the last hour because their engine failed its self-check."""
+async def dashboard_workers(key: ApiKeyDep, ctx: ContextDep, session: SessionDep) -> dict[str, Any]:
+    """Per model, its live workers and its queue: the key's project's queued and running jobs
+    (`scope: project`), or every project's with the workers themselves (host, pid, self-check,
+    running jobs) for an admin key (`scope: fleet`); and the models whose workers refused to
+    serve in the last hour because their engine failed its self-check."""
     beats = await ctx.live_workers()
     refused = await ctx.failed_checks()
+    if not key.admin:
+        counts = await dashboard.job_counts(session, dashboard.LIVE, project=key.project)
+        return {
+            "object": "dashboard.workers",
+            "scope": "project",
+            "project": key.project,
+            "models": dashboard.models_view(beats, counts),
+            "refused": [dashboard.refused_model_view(f) for f in refused],
+        }
     running = await dashboard.running_per_worker(session)
     counts = await dashboard.job_counts(session, dashboard.LIVE)
     beats.sort(key=lambda beat: (beat.model, beat.worker_id))
     return {
         "object": "dashboard.workers",
+        "scope": "fleet",
         "workers": [dashboard.worker_view(b, running.get(b.worker_id, 0)) for b in beats],
         "models": dashboard.models_view(beats, counts),
         "refused": [dashboard.failed_check_view(f) for f in refused],
@@ -51,14 +68,16 @@ async def dashboard_batches(key: ApiKeyDep, session: SessionDep) -> dict[str, An
 
 @router.get("/v1/dashboard/throughput", responses=ERROR_RESPONSES)
 async def dashboard_throughput(
-    _: ApiKeyDep,
+    key: ApiKeyDep,
     session: SessionDep,
     minutes: Annotated[int, Query(ge=1, le=60)] = 10,
     bucket: Annotated[int, Query(ge=1, le=600)] = 10,
 ) -> dict[str, Any]:
-    """Output tokens and completions of every worker per `bucket` seconds, last `minutes`, and
-    the sums of the last minute's buckets."""
+    """Output tokens and completions per `bucket` seconds, last `minutes`, and the sums of the
+    last minute's buckets: the key's project's jobs, or every project's for an admin key."""
+    project = None if key.admin else key.project
     return {
         "object": "dashboard.throughput",
-        **await dashboard.throughput(session, minutes, bucket),
+        "scope": "fleet" if key.admin else "project",
+        **await dashboard.throughput(session, minutes, bucket, project=project),
     }

@@ -73,11 +73,12 @@ async def retrieve_file(file_id: str, key: ApiKeyDep, session: SessionDep) -> di
         **ERROR_RESPONSES,
     },
 )
-async def file_content(
-    file_id: str, key: ApiKeyDep, session: SessionDep, ctx: ContextDep
-) -> StreamingResponse:
+async def file_content(file_id: str, key: ApiKeyDep, ctx: ContextDep) -> StreamingResponse:
     """Streams a file's contents."""
-    file = await files.get(session, key, file_id)
+    # A session of its own, closed before the first byte: a route's session would keep its
+    # connection until the last byte reached the client, however slowly it reads.
+    async with ctx.sessions() as session:
+        file = await files.get(session, key, file_id)
     return StreamingResponse(
         files.chunks(ctx.sessions, file.id),
         media_type="application/jsonl",
