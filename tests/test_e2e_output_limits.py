@@ -55,6 +55,9 @@ def test_the_largest_allowed_answer_arrives_whole(limited: openai.OpenAI, stack:
             model=MODEL,
             messages=[{"role": "user", "content": "Write a long story about the sea."}],
             n=CHOICES,
+            # Several choices need sampling: the default model answers greedily by default.
+            temperature=1.0,
+            seed=7,
             max_completion_tokens=TOKENS,
             logprobs=True,
             top_logprobs=ALTERNATIVES,
