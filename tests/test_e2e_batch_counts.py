@@ -5,7 +5,7 @@ import openai
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.test_e2e_batches import line, read_jsonl, upload, wait_until
+from tests.test_e2e_batches import line, read_jsonl, run_to_end
 
 pytestmark = pytest.mark.e2e
 
@@ -14,12 +14,7 @@ def test_counts_and_usage_match_the_output(client: openai.OpenAI, db: Engine) ->
     lines = [line(f"n-{i}", f"Say the number {i}.") for i in range(6)]
     lines.append(line("too-hot", temperature=7))  # a line error: failed, never a job
     lines.append(line("too-long", max_tokens=4096))  # over the context: the worker fails it
-    batch = client.batches.create(
-        input_file_id=upload(client, lines).id,
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
-    done = wait_until(client, batch.id, {"completed", "failed"})
+    done = run_to_end(client, lines)
     assert done.status == "completed"
     output = read_jsonl(client, done.output_file_id)
     errors = read_jsonl(client, done.error_file_id)
@@ -34,10 +29,10 @@ def test_counts_and_usage_match_the_output(client: openai.OpenAI, db: Engine) ->
     assert done.usage.output_tokens == sum(u["completion_tokens"] for u in usages)
     assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
 
-    listed = {b.id: b for b in client.batches.list(limit=10).data}[batch.id]
+    listed = {b.id: b for b in client.batches.list(limit=10).data}[done.id]
     assert listed.request_counts == counts and listed.usage == done.usage
     with db.connect() as conn:
         row = conn.execute(
-            text("SELECT completed, failed, invalid FROM batches WHERE id = :b"), {"b": batch.id}
+            text("SELECT completed, failed, invalid FROM batches WHERE id = :b"), {"b": done.id}
         ).one()
     assert tuple(row) == (6, 1, 1)

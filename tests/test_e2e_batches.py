@@ -46,6 +46,16 @@ def wait_until(client: openai.OpenAI, batch_id: str, statuses: set[str], seconds
     raise AssertionError(f"batch {batch_id} is still {batch.status}")
 
 
+def run_to_end(client: openai.OpenAI, lines: list[str]):
+    """Upload `lines` as a batch's input and wait for the batch to end; the batch."""
+    batch = client.batches.create(
+        input_file_id=upload(client, lines).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    return wait_until(client, batch.id, {"completed", "failed"})
+
+
 def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict]:
     if file_id is None:
         return []
@@ -230,12 +240,7 @@ def test_an_oversized_custom_id_fails_its_line_alone(client: openai.OpenAI) -> N
     long_id = "x" * 600  # custom_id columns hold 512 characters
     lines = [line("ok-1", max_tokens=1), line(long_id), line("ok-2", max_tokens=1)]
     lines.append(line("ok-3", max_tokens=1))
-    batch = client.batches.create(
-        input_file_id=upload(client, lines).id,
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
-    done = wait_until(client, batch.id, {"completed", "failed"})
+    done = run_to_end(client, lines)
     assert done.status == "completed"
     counts = done.request_counts
     assert (counts.total, counts.completed, counts.failed) == (4, 3, 1)
@@ -264,12 +269,7 @@ def test_every_column_limit_fails_its_line_alone(client: openai.OpenAI) -> None:
     }
     good = [line(f"g-{i}", max_tokens=1) for i in range(3)]
     lines = good[:2] + [text_ for text_, _ in bad.values()] + good[2:]
-    batch = client.batches.create(
-        input_file_id=upload(client, lines).id,
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
-    done = wait_until(client, batch.id, {"completed", "failed"})
+    done = run_to_end(client, lines)
     assert done.status == "completed"
     assert (done.request_counts.completed, done.request_counts.failed) == (3, len(bad))
     errors = {e["error"]["line"]: e["error"] for e in read_jsonl(client, done.error_file_id)}

@@ -438,8 +438,9 @@ def test_sigterm_lets_a_worker_finish_short_jobs_and_hand_back_long_ones(
     started = time.monotonic()
     holder.send_signal(signal.SIGTERM)
     assert holder.wait(60) == 0
-    # FERRY_SHUTDOWN_TIMEOUT_SECONDS is 8 in the suite: it stopped soon after.
-    assert time.monotonic() - started < 8 + 15
+    # FERRY_SHUTDOWN_TIMEOUT_SECONDS is 8 in the suite: it stopped soon after (the engine's own
+    # shutdown, on two cores shared with the other worker, took up to 17 s more in CI).
+    assert time.monotonic() - started < 8 + 30
     # The short job finished on it; the long one was handed back and ran on the other worker.
     short = one(db, "SELECT status, worker, attempts FROM jobs WHERE id = :j", j=short_job)
     assert short.status == "succeeded" and short.worker == holder_id and short.attempts == 1
