@@ -3,8 +3,6 @@ here): the compose file as `docker compose` interpolates it; Redis' command line
 run by the shell as in their container."""
 
 import re
-import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ import redis
 import yaml
 from kombu.utils.url import url_to_parts
 
+from bench.stack import free_port
 from core.settings import ApiSettings, WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,13 +237,6 @@ def test_flower_listens_on_loopback_behind_a_password(deployed: dict) -> None:
     assert set(published) == {"api", "flower"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server is not installed")
 def test_redis_asks_for_its_password_and_its_healthcheck_gives_it(
     deployed: dict, tmp_path: Path
 ) -> None:
@@ -252,7 +244,7 @@ def test_redis_asks_for_its_password_and_its_healthcheck_gives_it(
     in a scratch folder, since this host runs a Redis of its own)."""
     service = deployed["services"]["redis"]
     env = {"PATH": "/usr/bin:/bin", **service["environment"]}
-    port = _free_port()
+    port = free_port()
     shell, flag, script = service["command"]
     server = subprocess.Popen(
         [shell, flag, f"{script} --port {port} --dir {tmp_path}"],
