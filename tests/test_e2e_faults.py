@@ -22,6 +22,8 @@ import pytest
 from sqlalchemy import Engine, text
 
 from bench.stack import ROOT, Stack, descendants, free_port, wait_gone
+from core.queue import BATCH_CHUNK
+from core.settings import WorkerSettings
 from tests.conftest import MODEL
 from tests.test_e2e_batches import read_jsonl, upload, wait_until
 
@@ -29,6 +31,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 ESSAY = [{"role": "user", "content": "Write a very long essay about the sea."}]
 COUNTING = [{"role": "user", "content": "Count from 1 to 2000, one number per line."}]
+# More batch jobs than one worker takes in (max_num_seqs + a chunk, on the shipped settings): the
+# batch must spread over two.
+SPREAD = 2 * (WorkerSettings(_env_file=None).max_num_seqs + BATCH_CHUNK)
 # The end-of-text tokens banned: the answer runs to max_tokens, outlasting a shutdown timeout.
 NO_END = {"0": -100, "2": -100}
 
@@ -122,7 +127,7 @@ def test_a_batch_spreads_over_two_workers_and_a_killed_one_loses_nothing(
     live_worker: Stack, second_worker: subprocess.Popen, client: openai.OpenAI, db: Engine
 ) -> None:
     stack = live_worker
-    batch_id = start_batch(client, 200, "spread", max_tokens=24)
+    batch_id = start_batch(client, SPREAD, "spread", max_tokens=24)
 
     # Both workers pull chunks of the one batch (each holds at most max_num_seqs + one chunk).
     poll(lambda: len(workers_of(db, batch_id)) >= 2, 120, "two workers running the batch")
@@ -152,7 +157,7 @@ def test_a_batch_spreads_over_two_workers_and_a_killed_one_loses_nothing(
     # A new worker takes the dead one's place.
     stack.start_worker("worker-3", FERRY_CPU_KV_CACHE_GIB="1")
 
-    assert_exactly_once(client, db, batch_id, 200, "spread")
+    assert_exactly_once(client, db, batch_id, SPREAD, "spread")
     handed_back = one(
         db,
         "SELECT count(*) AS n FROM jobs WHERE batch_id = :b AND attempts = 2 AND worker <> :w",
