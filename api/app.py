@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from api import batches, stored
+from api import stored
 from api.auth import BearerAuth
+from api.batches import loop as batch_loop
 from api.cache import TtlCache
 from api.context import ApiContext
 from api.errors import install_error_handlers
@@ -52,7 +53,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             lookups=lookups,
         )
         loops = [
-            asyncio.create_task(batches.tend_forever(app.state.ctx)),
+            asyncio.create_task(batch_loop.tend_forever(app.state.ctx)),
             asyncio.create_task(Reconciler(app.state.ctx).forever()),
             asyncio.create_task(stored.deliver_forever(app.state.ctx)),
         ]

@@ -31,7 +31,7 @@ from core.queue import send_jobs, stream_key
 from core.settings import ApiSettings, api_settings
 from core.tables import ApiKey, Job, JobStatus, ServedModel
 from core.validation import check_request
-from core.wire import ChatCompletionRequest
+from core.wire.requests import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
 

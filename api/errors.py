@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 
 from core.errors import FerryError, error_envelope
-from core.wire import ErrorResponse
+from core.wire.responses import ErrorResponse
 
 log = logging.getLogger(__name__)
 

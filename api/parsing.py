@@ -2,7 +2,7 @@
 event loop and out of its GIL, at a lower CPU priority than its own.
 
 Only the standard library here: a parsing process imports this module before it lowers its
-priority, and what the work needs (api.batch_lines) only after.
+priority, and what the work needs (api.batches.lines) only after.
 """
 
 import asyncio

@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 from sqlalchemy import Update, and_, func, literal, or_, select, text, update
 
-from api import batches
+from api.batches.ingest import ingest
 from api.context import ApiContext, in_background
 from core import handback
 from core.queue import (
@@ -149,7 +149,7 @@ class Reconciler:
             )
         # Each tries the batch's lock: one still being validated elsewhere is left alone.
         for batch_id in stalled:
-            in_background(batches.ingest(self.ctx, batch_id))
+            in_background(ingest(self.ctx, batch_id))
 
     async def _lost_workers(self, live: list[str], done: Sweep) -> None:
         ctx = self.ctx

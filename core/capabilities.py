@@ -5,7 +5,7 @@ refuses a request that asks a model for a feature no worker has declared, rather
 """
 
 from core.errors import InvalidRequestError
-from core.wire import ChatCompletionRequest
+from core.wire.requests import ChatCompletionRequest
 
 AUDIO = "audio"
 REASONING = "reasoning"

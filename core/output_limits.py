@@ -9,7 +9,7 @@ alternatives beside its own. Past a limit it is refused with 400 before anything
 
 from core.errors import InvalidRequestError
 from core.settings import ApiSettings
-from core.wire import ChatCompletionRequest
+from core.wire.requests import ChatCompletionRequest
 
 
 def check(body: ChatCompletionRequest, context_length: int | None, settings: ApiSettings) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from core.errors import InvalidRequestError
 from core.settings import ApiSettings, api_settings
-from core.wire import ChatCompletionRequest, ChatMessage
+from core.wire.requests import ChatCompletionRequest, ChatMessage
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64

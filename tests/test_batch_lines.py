@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from api import files
-from api.batch_lines import MAX_CUSTOM_ID, Line, Served, read_lines
-from api.batches import _Lines
+from api.batches.ingest import Lines
+from api.batches.lines import MAX_CUSTOM_ID, Line, Served, read_lines
 from core.errors import InvalidRequestError
 from core.settings import ApiSettings
 from core.tables import BatchLineError, Job, StoredFile
@@ -90,7 +90,7 @@ def test_a_valid_line_is_a_job_with_its_request_as_json_text() -> None:
 
 def test_lines_are_numbered_without_blanks_and_repeated_ids_fail() -> None:
     batch = SimpleNamespace(id="batch_x", project="p", api_key_id="k")
-    lines = _Lines(batch, most=3)  # type: ignore[arg-type]
+    lines = Lines(batch, most=3)  # type: ignore[arg-type]
     read = read_lines(
         [raw("a"), b"  ", raw("a"), raw("b", temperature=9)], {MODEL: SERVED}, SETTINGS
     )

@@ -7,7 +7,7 @@ from core import output_limits
 from core.errors import InvalidRequestError
 from core.queue import NOTIFIED_RESULT_MAX_BYTES, job_done_message, read_job_done
 from core.settings import ApiSettings
-from core.wire import ChatCompletionRequest
+from core.wire.requests import ChatCompletionRequest
 
 SETTINGS = ApiSettings(_env_file=None, max_output_tokens=1024, max_logprob_entries=16_384)
 

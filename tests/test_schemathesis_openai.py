@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from bench.stack import Stack
-from core.wire import ChatCompletionRequest, ChatMessage
+from core.wire.requests import ChatCompletionRequest, ChatMessage
 from tests.fuzzing import (
     Budget,
     cap_chat_completions,

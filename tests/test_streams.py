@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 
 from core.ids import new_id
 from core.queue import STREAM_TTL_SECONDS, add_to_stream, stream_key
-from workers.tasks import Runtime, write_stream
+from workers.runtime import Runtime
+from workers.streams import write_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('FERRY_TEST_REDIS_DB', '15')}"

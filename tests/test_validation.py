@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 from core.errors import InvalidRequestError
 from core.validation import check_request
-from core.wire import ChatCompletionRequest
+from core.wire.requests import ChatCompletionRequest
 from tests.conftest import MODEL
 from tests.test_api_errors import URL, assert_envelope, count_jobs
 

@@ -29,7 +29,9 @@ from core.queue import (
 )
 from core.settings import DEFAULT_MODEL, WorkerSettings
 from core.tables import ServedModel
-from workers import metrics, self_check, tasks
+from workers import handback, metrics, runtime, self_check, tasks
+from workers.batch_puller import BatchPuller
+from workers.cancels import CancelListener
 from workers.engine import (
     EngineHost,
     EngineSettingsError,
@@ -234,7 +236,7 @@ def run(settings: WorkerSettings, loglevel: str = "INFO") -> None:
     db = sync_engine(settings.database_url, pool_size=8)
     sessions = sync_sessions(db)
     announce_model(sessions, client, settings, fingerprint)
-    runtime = tasks.Runtime(
+    rt = runtime.Runtime(
         worker_id=worker_id,
         model=settings.model,
         system_fingerprint=fingerprint,
@@ -244,12 +246,12 @@ def run(settings: WorkerSettings, loglevel: str = "INFO") -> None:
         stream_redis=aioredis.Redis.from_url(settings.redis_url),
         max_attempts=settings.max_attempts,
     )
-    tasks.install(runtime)
-    tasks.CancelListener(runtime).start()
+    runtime.install(rt)
+    CancelListener(rt).start()
     # Enough batch jobs to fill the engine, and one chunk more waiting in it.
-    puller = tasks.BatchPuller(runtime, settings.max_num_seqs + BATCH_CHUNK)
+    puller = BatchPuller(rt, settings.max_num_seqs + BATCH_CHUNK)
     puller.start()
-    stop = Shutdown(runtime, settings.shutdown_timeout_seconds)
+    stop = Shutdown(rt, settings.shutdown_timeout_seconds)
     worker_shutting_down.connect(stop.begin, weak=False)
     now = time.time()
     heartbeat = Heartbeat(
@@ -273,7 +275,7 @@ def run(settings: WorkerSettings, loglevel: str = "INFO") -> None:
         worker_id=worker_id,
         host=settings.metrics_host,
     )
-    app = tasks.app
+    app = tasks.app  # importing `tasks` registers them with it
     app.conf.broker_url = settings.redis_url
     try:
         app.worker_main(
@@ -299,7 +301,7 @@ def run(settings: WorkerSettings, loglevel: str = "INFO") -> None:
 class Shutdown:
     """The worker's way out: finish what is in flight within a timeout, hand back the rest."""
 
-    def __init__(self, rt: tasks.Runtime, timeout: float) -> None:
+    def __init__(self, rt: runtime.Runtime, timeout: float) -> None:
         self.rt = rt
         self.timeout = timeout
         self.deadline: float | None = None
@@ -322,7 +324,7 @@ class Shutdown:
         self._hand_back()
         os._exit(0)
 
-    def drain(self, puller: tasks.BatchPuller) -> None:
+    def drain(self, puller: BatchPuller) -> None:
         """Wait for batch chunks in flight until the deadline; hand back what is left."""
         assert self.deadline is not None
         puller.idle.wait(max(0.0, self.deadline - time.monotonic()))
@@ -332,6 +334,6 @@ class Shutdown:
 
     def _hand_back(self) -> None:
         try:
-            tasks.hand_back(self.rt, "The worker running this request shut down.")
+            handback.hand_back(self.rt, "The worker running this request shut down.")
         except Exception:
             log.exception("could not hand back jobs; the reconciler will")

@@ -8,7 +8,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from core.wire import ChatCompletion, ChatCompletionChunk
+from core.wire.responses import ChatCompletion, ChatCompletionChunk
 
 # Fields of OpenAI's request that Ferry handles itself and vLLM does not take.
 FERRY_ONLY_FIELDS = frozenset(

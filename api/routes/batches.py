@@ -2,11 +2,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 
-from api import batches
+from api.batches import service as batches
+from api.batches.ingest import ingest
 from api.context import in_background
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
-from core.wire import BatchList, BatchObject
+from core.wire.resources import BatchList, BatchObject
 
 router = APIRouter(prefix="/v1", tags=["batches"])
 
@@ -27,7 +28,7 @@ async def create_batch(
 ) -> dict[str, Any]:
     """Creates a batch from an uploaded JSONL file; it is validated line by line, then run."""
     batch = await batches.create(session, key, input_file_id, endpoint, completion_window, metadata)
-    in_background(batches.ingest(ctx, batch.id))
+    in_background(ingest(ctx, batch.id))
     return await batches.view(session, batch)
 
 

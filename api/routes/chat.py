@@ -8,14 +8,14 @@ from api import completions, stored
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
 from core.errors import InvalidRequestError
-from core.wire import (
-    ChatCompletion,
+from core.wire.requests import ChatCompletionRequest
+from core.wire.resources import (
     ChatCompletionDeleted,
     ChatCompletionList,
     ChatCompletionMessageList,
-    ChatCompletionRequest,
     StoredChatCompletion,
 )
+from core.wire.responses import ChatCompletion
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 

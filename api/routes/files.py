@@ -8,7 +8,7 @@ from api import files, stored
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
 from core.tables import StoredFile
-from core.wire import FileDeleted, FileList, FileObject
+from core.wire.resources import FileDeleted, FileList, FileObject
 
 router = APIRouter(prefix="/v1", tags=["files"])
 

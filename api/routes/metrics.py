@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse
 from api import metrics
 from api.deps import ContextDep
 from core.errors import AuthenticationError
-from core.wire import ErrorResponse
+from core.wire.responses import ErrorResponse
 
 router = APIRouter(tags=["metrics"])
 

@@ -5,7 +5,7 @@ from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
 from core.errors import NotFoundError
 from core.tables import ServedModel
-from core.wire import Model, ModelList
+from core.wire.resources import Model, ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])
 

@@ -15,7 +15,7 @@ from core import capabilities, output_limits
 from core.errors import FerryError
 from core.settings import ApiSettings
 from core.validation import check_json_text, check_request, check_storable, unstorable
-from core.wire import ChatCompletionRequest
+from core.wire.requests import ChatCompletionRequest
 
 ENDPOINT = "/v1/chat/completions"
 # The longest custom_id the tables hold (jobs.custom_id, batch_line_errors.custom_id).
