@@ -53,6 +53,10 @@ browser: ## headless Chromium for the dashboard's test (Debian's package), if it
 test: setup browser ## run the whole suite (unit, API, end to end on the real stack)
 	$(PY) -m pytest
 
+.PHONY: unit
+unit: install ## the pure tests alone (no Postgres, Redis or vLLM): validation, wire shapes, shaping, the bus
+	$(PY) -m pytest -q -m pure
+
 .PHONY: lint
 lint: install ## format check, lint, types, import contracts
 	.venv/bin/ruff format --check .

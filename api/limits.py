@@ -11,7 +11,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import send_error
-from core.errors import FerryError, InvalidRequestError
+from core.errors import (
+    FerryError,
+    FileTooLargeError,
+    InvalidRequestError,
+    RequestTooLargeError,
+)
 from core.settings import ApiSettings
 from core.validation import check_json_text
 
@@ -20,23 +25,16 @@ UPLOAD_FRAMING_BYTES = 1 << 20
 UPLOAD_PATHS = ("/v1/files",)
 
 
-def _too_large(limit: int) -> FerryError:
-    return FerryError(
-        f"The request body is larger than {_size(limit)}, the most this endpoint accepts.",
-        status_code=413,
-        type="invalid_request_error",
-        code="request_too_large",
+def _too_large(limit: int) -> RequestTooLargeError:
+    return RequestTooLargeError(
+        f"The request body is larger than {_size(limit)}, the most this endpoint accepts."
     )
 
 
-def file_too_large(limit: int) -> FerryError:
+def file_too_large(limit: int) -> FileTooLargeError:
     """The error for an uploaded file over `limit` bytes."""
-    return FerryError(
-        f"The file is larger than {_size(limit)}, the most an upload may hold.",
-        status_code=413,
-        type="invalid_request_error",
-        param="file",
-        code="file_too_large",
+    return FileTooLargeError(
+        f"The file is larger than {_size(limit)}, the most an upload may hold.", param="file"
     )
 
 
@@ -64,7 +62,7 @@ async def _body_too_large(_: Request, exc: Exception) -> JSONResponse:
 
 async def _refuse(send: Send, error: FerryError) -> None:
     # Past a 413 the rest of the body is not read: the connection cannot carry another request.
-    close = [(b"connection", b"close")] if error.status_code == 413 else []
+    close = [(b"connection", b"close")] if isinstance(error, RequestTooLargeError) else []
     await send_error(send, error, *close)
 
 

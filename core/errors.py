@@ -1,6 +1,25 @@
 """One error family, rendered as OpenAI's envelope `{"error": {message, type, param, code}}`.
 
-The same shape is stored on failed jobs, so a job's error reads as the HTTP error would.
+The same shape is stored on failed jobs, so a job's error reads as the HTTP error would; a batch
+line's error is the same error, written to the batch's error file instead of answered.
+
+The hierarchy (status and `code` as answered):
+
+* FerryError (500 server_error)
+  + InvalidRequestError (400)
+  |  + LineError - one batch input line that cannot run; it fails alone
+  + RequestTooLargeError (413 request_too_large)
+  |  + FileTooLargeError (413 file_too_large)
+  + AuthenticationError (401 invalid_api_key)
+  |  + MissingApiKeyError (401)
+  + NotFoundError (404)
+  |  + ModelNotFoundError (404 model_not_found)
+  + ConflictError (409 conflict)
+  |  + CancelledError (409 cancelled) - the job was cancelled through the API
+  + ServiceUnavailableError (503 service_unavailable)
+  |  + WorkerLostError (503 worker_lost) - its worker stopped and it could not run again
+  + GatewayTimeoutError (504 timeout)
+  + EngineError (500 engine_error) - the engine failed on a job
 """
 
 from typing import Any
@@ -61,6 +80,32 @@ class InvalidRequestError(FerryError):
     type = "invalid_request_error"
 
 
+class LineError(InvalidRequestError):
+    """One batch input line that cannot run: it fails alone, in the batch's error file."""
+
+    def __init__(self, message: str, code: str, param: str | None = None, status: int = 400):
+        super().__init__(message, param=param, code=code, status_code=status)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The line's error as the batch stores it (its number is added by the batch)."""
+        return {
+            "status": self.status_code,
+            "code": self.code,
+            "message": self.message,
+            "param": self.param,
+        }
+
+
+class RequestTooLargeError(FerryError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class FileTooLargeError(RequestTooLargeError):
+    code = "file_too_large"
+
+
 class AuthenticationError(FerryError):
     status_code = 401
     type = "invalid_request_error"
@@ -91,6 +136,12 @@ class ServiceUnavailableError(FerryError):
     code = "service_unavailable"
 
 
+class WorkerLostError(ServiceUnavailableError):
+    """The worker running the job stopped, and the job cannot run again."""
+
+    code = "worker_lost"
+
+
 class GatewayTimeoutError(FerryError):
     status_code = 504
     type = "server_error"
@@ -103,7 +154,7 @@ class ConflictError(FerryError):
     code = "conflict"
 
 
-class CancelledError(FerryError):
+class CancelledError(ConflictError):
     """The job was cancelled through the API."""
 
     status_code = 409

@@ -1,7 +1,11 @@
 """The suite's stack: one database, one API and one real worker (vLLM) per test session."""
 
+import contextlib
 import os
+import socket
+import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -15,9 +19,62 @@ from core.settings import DEFAULT_MODEL
 MODEL = DEFAULT_MODEL
 
 
+# A test that asks for any of these uses a service: the real stack (Postgres, Redis, a vLLM
+# worker), or a database or broker of its own.
+SERVICE_FIXTURES = {"stack", "api_key", "live_worker", "db", "http", "client"}
+SERVICE_FIXTURES |= {"broker", "database_url"}
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Fault tests (they kill workers, restart Redis, stop Postgres) run after all the others."""
+    """Tests that need no service are marked `pure` (`make unit` runs them alone); fault tests
+    (they kill workers, restart Redis, stop Postgres) run after all the others."""
+    for item in items:
+        needs = SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if not needs and not any(item.get_closest_marker(m) for m in ("services", "e2e", "faults")):
+            item.add_marker(pytest.mark.pure)
     items.sort(key=lambda item: item.get_closest_marker("faults") is not None)
+
+
+SERVICE_PORTS = {5432, 6379}
+
+
+@contextlib.contextmanager
+def _no_service() -> Iterator[None]:
+    """Reaching Postgres or Redis, or starting a process, fails the test: it is not pure."""
+    connect, popen = socket.socket.connect, subprocess.Popen.__init__
+
+    def guarded_connect(sock: socket.socket, address: Any) -> Any:
+        if isinstance(address, tuple) and address[1] in SERVICE_PORTS:
+            raise AssertionError(f"a pure test reached {address}; mark it `services`")
+        return connect(sock, address)
+
+    def guarded_popen(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a pure test started a process; mark it `services`")
+
+    socket.socket.connect = guarded_connect  # type: ignore[method-assign]
+    subprocess.Popen.__init__ = guarded_popen  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        socket.socket.connect = connect  # type: ignore[method-assign]
+        subprocess.Popen.__init__ = popen  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Any:
+    if item.get_closest_marker("pure") is None:
+        return (yield)
+    with _no_service():
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    if item.get_closest_marker("pure") is None:
+        return (yield)
+    with _no_service():
+        return (yield)
 
 
 @pytest.fixture(scope="session")

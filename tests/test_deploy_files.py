@@ -237,6 +237,7 @@ def test_flower_listens_on_loopback_behind_a_password(deployed: dict) -> None:
     assert set(published) == {"api", "flower"}
 
 
+@pytest.mark.services  # starts a redis-server
 def test_redis_asks_for_its_password_and_its_healthcheck_gives_it(
     deployed: dict, tmp_path: Path
 ) -> None:

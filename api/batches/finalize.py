@@ -1,6 +1,5 @@
 """A batch whose jobs have all ended gets its output and error files, and its final status."""
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api import files
 from api.context import ApiContext
 from core.tables import Batch, BatchLineError, BatchStatus, Job, JobStatus
+from core.wire.batch_files import BatchLineError as LineErrorBody
+from core.wire.batch_files import BatchRequestOutput, BatchResponse
 
 log = logging.getLogger(__name__)
 
@@ -42,40 +43,40 @@ async def _output_lines(ctx: ApiContext, batch_id: str, errors: bool) -> AsyncIt
                 )
             ).scalars()
         async for row in job_rows:
-            record: dict[str, Any] = {
-                "id": f"batch_req_{row.id.removeprefix('chatcmpl-')}",
-                "custom_id": row.custom_id,
-            }
-            if row.response is not None:
-                record["response"] = {
-                    "status_code": 200,
-                    "request_id": row.id,
-                    "body": row.response,
-                }
-                record["error"] = None
-            else:
-                error = (row.error or {}).get("error", {})
-                if error.get("code") in ("batch_cancelled", "batch_expired"):
-                    record["response"] = None
-                    record["error"] = {"code": error["code"], "message": error["message"]}
-                else:
-                    record["response"] = {
-                        "status_code": row.error_status or 500,
-                        "request_id": row.id,
-                        "body": row.error,
-                    }
-                    record["error"] = None
-            yield (json.dumps(record) + "\n").encode()
+            yield _job_line(row).line()
         if line_errors is not None:
             async for line_error in line_errors:
                 e = line_error.error
-                record = {
-                    "id": f"batch_req_line{line_error.line}",
-                    "custom_id": line_error.custom_id,
-                    "response": None,
-                    "error": {k: e[k] for k in ("code", "message", "param", "line")},
-                }
-                yield (json.dumps(record) + "\n").encode()
+                yield BatchRequestOutput(
+                    id=f"batch_req_line{line_error.line}",
+                    custom_id=line_error.custom_id,
+                    response=None,
+                    error=LineErrorBody(
+                        code=e["code"], message=e["message"], param=e["param"], line=e["line"]
+                    ),
+                ).line()
+
+
+def _job_line(row: Any) -> BatchRequestOutput:
+    """A job's line: its answer, or its error as an answer; a line that never ran (cancelled,
+    expired) has an error instead."""
+    record = BatchRequestOutput(
+        id=f"batch_req_{row.id.removeprefix('chatcmpl-')}",
+        custom_id=row.custom_id,
+        response=None,
+        error=None,
+    )
+    if row.response is not None:
+        record.response = BatchResponse(status_code=200, request_id=row.id, body=row.response)
+        return record
+    error = (row.error or {}).get("error", {})
+    if error.get("code") in ("batch_cancelled", "batch_expired"):
+        record.error = LineErrorBody(code=error["code"], message=error["message"])
+    else:
+        record.response = BatchResponse(
+            status_code=row.error_status or 500, request_id=row.id, body=row.error
+        )
+    return record
 
 
 async def finalize(ctx: ApiContext, batch_id: str) -> None:
