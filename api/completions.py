@@ -7,11 +7,10 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial
 from typing import Any, TypeVar
 
 import anyio
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,6 +18,7 @@ from api import stored
 from api.cache import TtlCache
 from api.context import ApiContext, in_background
 from core import capabilities, output_limits
+from core.bus import StreamChunk, StreamDone, StreamError, read_entry, stream_key
 from core.errors import (
     ConflictError,
     FerryError,
@@ -27,7 +27,7 @@ from core.errors import (
     ServiceUnavailableError,
 )
 from core.ids import new_id
-from core.queue import send_jobs, stream_key
+from core.queue import send_jobs
 from core.settings import ApiSettings, api_settings
 from core.tables import ApiKey, Job, JobStatus, ServedModel
 from core.validation import check_request
@@ -65,6 +65,8 @@ async def submit(
         if model is None:
             raise ModelNotFoundError(body.model)
         if lookups is not None:
+            # Detached, so that other requests' sessions can read it while this one commits.
+            session.expunge(model)
             lookups.put(("model", body.model), model)
     capabilities.check(body, model.capabilities)
     output_limits.check(body, model.max_model_len, settings)
@@ -87,6 +89,9 @@ async def submit(
         created=int(time.time()),
         idempotency_key=idempotency_key,
         request_hash=digest if idempotency_key is not None else None,
+        # Recorded as sent in the commit that creates it: no second write on every request's
+        # way. `enqueue` drops the record if the broker refuses the message.
+        dispatched_at=func.now(),
     )
     session.add(job)
     try:
@@ -120,12 +125,13 @@ async def _first_attempt(
 async def enqueue(ctx: ApiContext, job: Job) -> None:
     """Send the job's task to its model's queue.
 
-    The job is committed first; if the broker cannot take the message now, the reconciler sends
-    it again once the job has waited in the queue for its grace period, so the job still runs.
+    The job is committed first, recorded as sent. If the broker cannot take the message now, the
+    record is dropped, and the reconciler sends the job once it has waited in the queue for its
+    grace period; if this process dies before sending, the reconciler finds the message missing
+    (api.reconciler). Either way the job still runs.
     """
-    send = partial(send_jobs, ctx.celery, [(job.id, job.model, False)])
     try:
-        await anyio.to_thread.run_sync(send)
+        await anyio.to_thread.run_sync(send_jobs, ctx.celery, [(job.id, job.model, False)])
     except Exception as exc:
         log.warning(
             "could not enqueue job %s (%s); the reconciler will send it",
@@ -133,6 +139,13 @@ async def enqueue(ctx: ApiContext, job: Job) -> None:
             exc,
             extra={"job_id": job.id},
         )
+        with contextlib.suppress(Exception):
+            async with ctx.sessions.begin() as session:
+                await session.execute(
+                    update(Job)
+                    .where(Job.id == job.id, Job.status == JobStatus.queued)
+                    .values(dispatched_at=None)
+                )
 
 
 async def _wait(ctx: ApiContext, job: Job, attempt: Callable[[float], Awaitable[T | None]]) -> T:
@@ -185,10 +198,10 @@ async def wait(ctx: ApiContext, job: Job, enqueue_first: bool = False) -> Job:
             done.clear()
             if done.outcome is not None:
                 # The worker sent what it stored: no need to read it back.
-                job.status = JobStatus(done.outcome["status"])
-                job.response = done.outcome.get("response")
-                job.error = done.outcome.get("error")
-                job.error_status = done.outcome.get("error_status")
+                job.status = JobStatus(done.outcome.status)
+                job.response = done.outcome.response
+                job.error = done.outcome.error
+                job.error_status = done.outcome.error_status
                 return job
             current = await _load(ctx, job.id)
             return current if current.status.is_final else None
@@ -209,9 +222,9 @@ async def run_and_stream(ctx: ApiContext, job: Job) -> AsyncIterator[bytes]:
         return await _read(ctx, key, b"0", seconds) or None
 
     entries = await _wait(ctx, job, first)
-    _, fields = entries[0]
-    if b"error" in fields:
-        raise _stream_error(fields)
+    entry = read_entry(entries[0][1])
+    if isinstance(entry, StreamError):
+        raise FerryError.from_envelope(entry.envelope, entry.status)
     return _events(ctx, job, key, entries)
 
 
@@ -235,14 +248,15 @@ async def _relay(ctx: ApiContext, job: Job, key: str, entries: Entries) -> Async
     while True:
         for entry_id, fields in entries:
             last = entry_id
-            if b"chunk" in fields:
-                yield b"data: " + fields[b"chunk"] + b"\n\n"
-            elif b"done" in fields:
+            entry = read_entry(fields)
+            if isinstance(entry, StreamChunk):
+                yield b"data: " + entry.data + b"\n\n"
+            elif isinstance(entry, StreamDone):
                 yield b"data: [DONE]\n\n"
                 return
             else:
                 # The SDK raises on an event that carries an error.
-                yield b"data: " + fields[b"error"] + b"\n\n"
+                yield b"data: " + json.dumps(entry.envelope).encode() + b"\n\n"
                 return
         if time.monotonic() >= deadline:
             error = GatewayTimeoutError(f"Request {job.id} stopped streaming.")
@@ -255,10 +269,6 @@ async def _read(ctx: ApiContext, key: str, after: bytes, seconds: float) -> Entr
     """Entries of `key` after `after`, waiting up to `seconds` for one to come."""
     found: Any = await ctx.redis.xread({key: after}, count=256, block=max(1, int(seconds * 1000)))
     return found[0][1] if found else []
-
-
-def _stream_error(fields: dict[bytes, Any]) -> FerryError:
-    return FerryError.from_envelope(json.loads(fields[b"error"]), int(fields.get(b"status", 500)))
 
 
 async def _load(ctx: ApiContext, job_id: str) -> Job:

@@ -13,6 +13,7 @@ from starlette.types import Send
 
 from core.errors import FerryError, error_envelope
 from core.wire.responses import ErrorResponse
+from core.wire.wording import refused
 
 log = logging.getLogger(__name__)
 
@@ -26,105 +27,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503: "A dependency or worker is unavailable",
     }.items()
 }
-
-# Pydantic's names for union members, which are not part of a field's path.
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "null"}
-
-_JSON_HINT = (
-    "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
-    "using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was "
-    "sent was not valid JSON.)"
-)
-
-
-def param_path(loc: tuple[Any, ...]) -> str | None:
-    """`('body', 'messages', 2, 'role')` as OpenAI writes it: `messages[2].role`."""
-    path = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif "[" in part or part.lower() in _TYPE_TAGS:
-            continue
-        else:
-            path += f".{part}" if path else part
-    return path or None
-
-
-# Pydantic's bound errors: OpenAI's words, the bound's key in the error's context, sign, code.
-_BOUNDS = {
-    "less_than_equal": ("above maximum", "le", "<=", "above_max_value"),
-    "less_than": ("above maximum", "lt", "<", "above_max_value"),
-    "greater_than_equal": ("below minimum", "ge", ">=", "below_min_value"),
-    "greater_than": ("below minimum", "gt", ">", "below_min_value"),
-}
-
-
-def _number_kind(limit: Any) -> str:
-    return "integer" if isinstance(limit, int) and not isinstance(limit, bool) else "decimal"
-
-
-def describe(error: dict[str, Any]) -> tuple[str, str | None, str | None]:
-    """One pydantic error as OpenAI's (message, param, code)."""
-    kind = error["type"]
-    param = param_path(tuple(error["loc"]))
-    value = error.get("input")
-    ctx = error.get("ctx") or {}
-    where = f"'{param}'" if param else "request body"
-    if kind == "json_invalid":
-        return _JSON_HINT, None, None
-    if kind == "missing":
-        return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
-    if kind == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {param}", param, "unknown_parameter"
-    if kind in _BOUNDS:
-        words, key, sign, suffix = _BOUNDS[kind]
-        limit = ctx.get(key)
-        number = _number_kind(limit)
-        return (
-            f"Invalid {where}: {number} {words} value. "
-            f"Expected a value {sign} {limit:g}, but got {value} instead.",
-            param,
-            f"{number}_{suffix}",
-        )
-    if kind == "too_short":
-        if ctx.get("min_length") == 1 and not value:
-            return (
-                f"Invalid {where}: empty array. Expected an array with minimum length 1, "
-                "but got an empty array instead.",
-                param,
-                "empty_array",
-            )
-        return (
-            f"Invalid {where}: array too short. Expected an array with minimum length "
-            f"{ctx.get('min_length')}, but got an array with length {len(value or [])} instead.",
-            param,
-            "array_below_min_length",
-        )
-    if kind == "too_long":
-        return (
-            f"Invalid {where}: array too long. Expected an array with maximum length "
-            f"{ctx.get('max_length')}, but got an array with length {len(value or [])} instead.",
-            param,
-            "array_above_max_length",
-        )
-    if kind == "string_too_long":
-        return (
-            f"Invalid {where}: string too long. Expected a string with maximum length "
-            f"{ctx.get('max_length')}, but got a string with length {len(value or '')} instead.",
-            param,
-            "string_above_max_length",
-        )
-    if kind == "string_too_short":
-        return f"Invalid {where}: string too short. {error['msg']}.", param, "string_too_short"
-    if kind in ("literal_error", "enum"):
-        return (
-            f"Invalid value for {where}: {value!r}. {error['msg']}.",
-            param,
-            "invalid_value",
-        )
-    if param is None and kind in ("model_attributes_type", "dict_type", "model_type"):
-        return "The request body must be a JSON object.", None, "invalid_type"
-    return f"Invalid type for {where}: {error['msg'].lower()}.", param, "invalid_type"
 
 
 class _ErrorJSONResponse(JSONResponse):
@@ -144,20 +46,18 @@ async def _ferry_error(_: Request, exc: Exception) -> JSONResponse:
     return _response(exc.status_code, exc.envelope())
 
 
-def _specificity(error: dict[str, Any]) -> tuple[int, bool]:
-    """Each member of a union reports; the one that names the deepest field and is not a mere
-    type mismatch (e.g. `stop` too long as a list, rather than "not a string") says most."""
-    return len(param_path(tuple(error["loc"])) or ""), not error["type"].endswith("_type")
+def _body_type(request: Request) -> Any:
+    """The type the route validates its body as, so that paths into it are worded exactly."""
+    body = getattr(request.scope.get("route"), "body_field", None)
+    return body.field_info.annotation if body is not None else None
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = list(exc.errors())
-    first = max(errors, key=_specificity) if errors else None
-    if first is None:
-        return _response(400, error_envelope("Invalid request.", "invalid_request_error"))
-    message, param, code = describe(first)
-    return _response(400, error_envelope(message, "invalid_request_error", param, code))
+    # FastAPI's locations start with where the value was: the body's path is OpenAI's param.
+    errors = [{**e, "loc": e["loc"][1:]} if e["loc"][:1] == ("body",) else e for e in exc.errors()]
+    error = refused(errors, _body_type(request))
+    return _response(error.status_code, error.envelope())
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:

@@ -4,35 +4,23 @@ Any API process can serve any file, so API processes scale out without a shared 
 """
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import UploadFile
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.limits import file_too_large
+from api.pagination import ListQuery, keyset
 from core.errors import InvalidRequestError, NotFoundError
 from core.ids import new_id
 from core.tables import ApiKey, FileChunk, StoredFile
 from core.validation import unstorable
+from core.wire.resources import FileDeleted, FileList, FileObject
 
 CHUNK = 1 << 20
 PURPOSES = ("batch",)
 # The longest file name the files table holds.
 MAX_FILENAME = 1024
-
-
-def view(file: StoredFile) -> dict[str, Any]:
-    """OpenAI's file object."""
-    return {
-        "id": file.id,
-        "object": "file",
-        "bytes": file.bytes,
-        "created_at": int(file.created_at.timestamp()),
-        "filename": file.filename,
-        "purpose": file.purpose,
-        "status": "processed",
-    }
 
 
 async def upload(
@@ -132,6 +120,26 @@ async def get(session: AsyncSession, key: ApiKey, file_id: str) -> StoredFile:
     return file
 
 
+async def list_files(
+    session: AsyncSession, key: ApiKey, purpose: str | None, page: ListQuery
+) -> FileList:
+    """A page of the caller's files, of one purpose if given."""
+    query = select(StoredFile).where(
+        StoredFile.project == key.project, StoredFile.deleted_at.is_(None)
+    )
+    if purpose is not None:
+        query = query.where(StoredFile.purpose == purpose)
+    files = await keyset(
+        session,
+        query,
+        StoredFile.created_at,
+        StoredFile.id,
+        page,
+        lambda after: get(session, key, after),
+    )
+    return FileList.of([FileObject.of(file) for file in files], page.limit)
+
+
 async def chunks(sessions: async_sessionmaker, file_id: str) -> AsyncIterator[bytes]:
     """A file's bytes, a chunk at a time, each read in a short session of its own.
 
@@ -186,9 +194,9 @@ def _line(raw: bytes, max_line: int | None) -> bytes:
     return raw if max_line is None else raw[: max_line + 1]
 
 
-async def remove(session: AsyncSession, key: ApiKey, file_id: str) -> dict[str, Any]:
+async def remove(session: AsyncSession, key: ApiKey, file_id: str) -> FileDeleted:
     file = await get(session, key, file_id)
     file.deleted_at = func.now()
     await session.execute(delete(FileChunk).where(FileChunk.file_id == file_id))
     await session.commit()
-    return {"id": file_id, "object": "file", "deleted": True}
+    return FileDeleted(id=file_id, deleted=True)

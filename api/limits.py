@@ -96,6 +96,7 @@ class BodyLimits:
             await self.app(scope, receive, send)
             return
         upload = scope["method"] == "POST" and scope["path"] in UPLOAD_PATHS
+        error: RequestTooLargeError
         if upload:
             limit = self.settings.max_upload_bytes + UPLOAD_FRAMING_BYTES
             error = file_too_large(self.settings.max_upload_bytes)

@@ -2,10 +2,25 @@
 
 Every few seconds, in one API process at a time (a Postgres advisory lock decides which):
 - jobs running on a worker whose heartbeat has stopped go back to the queue and are sent again
-  (streamed ones, whose chunks may have reached the client, and those out of attempts fail);
-- queued jobs that have waited past the grace period with no message for them in the broker
-  (never sent because the broker was down, lost with a restarted broker, or held unacknowledged
-  by a worker that died before claiming them) are sent again;
+  (streamed ones, whose chunks may have reached the client, and those out of attempts fail), the
+  way a worker hands back its own (core.handback);
+- queued jobs whose message is not in the broker are sent again. Whether it is, Postgres says:
+  each job records when its message was handed to the broker (`dispatched_at`, core.queue), and
+  the sweep never reads the broker's queues, so its cost does not grow with their length. A job
+  is sent again once it has waited past the grace period and
+  - it has no record: never sent (the broker was down, the API died between its commit and its
+    send; a batch's jobs once the whole file is validated), or
+  - the broker lost its data (a Redis restarted empty): the mark the sweep leaves in Redis,
+    which goes with the queues, is gone, and every queued job's record is dropped, or
+  - its queue has delivered past it: a job of the same queue (model, interactive or batch) sent
+    more than the grace period after it has been claimed, running now or ended since the last
+    sweeps. Queues are first in, first out, so its message is gone: held by a worker that died
+    before claiming it (Kombu would deliver it again only after its visibility timeout), or sent
+    by an API process that died before recording it. A job merely far back in a long queue has
+    nothing sent after it claimed yet, and is left alone; or
+  - a live worker of its model has been idle since after it was sent, for longer than the grace
+    period (`idle_since` in its heartbeat): a worker with room takes whatever its queues hold,
+    so the message is gone, even when no later traffic shows it;
 - batches still validating past the grace period are validated again, unless an API process is
   still at it (api.batches.ingest holds a lock while it reads);
 - the content of `store: false` jobs that ended FERRY_UNSTORED_PURGE_SECONDS ago is purged,
@@ -17,31 +32,33 @@ A message sent twice is harmless: a worker claims only queued jobs.
 """
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from functools import partial
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import anyio
-from sqlalchemy import Update, and_, func, literal, or_, select, text, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Select,
+    String,
+    Update,
+    and_,
+    bindparam,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from api.batches.ingest import ingest
 from api.context import ApiContext, in_background
 from core import handback
-from core.queue import (
-    BATCH_PROGRESS_CHANNEL,
-    JOB_DONE_CHANNEL,
-    UNACKED_INDEX_KEY,
-    UNACKED_KEY,
-    add_to_stream,
-    broker_lists,
-    job_ids_in_message,
-    send_jobs,
-    stream_key,
-)
+from core.bus import stream_key
+from core.queue import BROKER_MARK_KEY, WorkerBeat, dispatch_async
 from core.tables import Batch, BatchStatus, Job, JobStatus
 
 log = logging.getLogger(__name__)
@@ -105,11 +122,13 @@ class Reconciler:
         run_id = (await ctx.redis.info("server")).get("run_id")
         if run_id != self._broker_run:
             self._broker_run, self._broker_since = run_id, time.monotonic()
-        live = [beat.worker_id for beat in await ctx.live_workers()]
+        beats = await ctx.live_workers()
+        live = [beat.worker_id for beat in beats]
         settle = time.monotonic() - self._broker_since >= ctx.settings.worker_ttl_seconds
         if settle:
             await self._lost_workers(live, done)
-        await self._lost_messages(done)
+        await self._broker_lost(run_id)
+        await self._lost_messages(done, _idle_since(beats, ctx.settings.requeue_grace_seconds))
         await self._stalled_batches(done)
         return done
 
@@ -143,7 +162,7 @@ class Reconciler:
                 await session.scalars(
                     select(Batch.id).where(
                         Batch.status == BatchStatus.validating,
-                        Batch.created_at < text(f"now() - interval '{float(grace)} seconds'"),
+                        Batch.created_at < _ago(grace),
                     )
                 )
             )
@@ -153,69 +172,54 @@ class Reconciler:
 
     async def _lost_workers(self, live: list[str], done: Sweep) -> None:
         ctx = self.ctx
-        lost = and_(
+        lost_jobs = and_(
             Job.status == JobStatus.running, or_(Job.worker.is_(None), Job.worker.not_in(live))
         )
-        max_attempts = ctx.settings.max_attempts
+        reason = "The worker running this request was lost."
+        give_up, requeue = handback.statements(lost_jobs, ctx.settings.max_attempts, reason)
         async with ctx.sessions.begin() as session:
             if not await session.scalar(select(func.pg_try_advisory_xact_lock(_LOCK))):
                 return
-            given_up = (
-                await session.execute(
-                    handback.give_up(
-                        lost, max_attempts, "The worker running this request was lost."
-                    )
-                )
-            ).all()
-            requeued = (await session.execute(handback.requeue(lost, max_attempts))).all()
-        await self._send(
-            [(job_id, model, batch_id is not None) for job_id, model, batch_id in requeued]
-        )
-        for job_id, _batch_id, stream in given_up:
-            if stream:
-                error = handback.WorkerLostError("The worker running this request was lost.")
-                async with ctx.redis.pipeline(transaction=False) as pipe:
-                    add_to_stream(
-                        pipe,
-                        job_id,
-                        {"error": json.dumps(error.envelope()), "status": error.status_code},
-                    )
-                    await pipe.execute()
-            await ctx.redis.publish(JOB_DONE_CHANNEL, job_id)
-        for batch_id in {b for _, _, b in requeued if b} | {b for _, b, _ in given_up if b}:
-            await ctx.redis.publish(BATCH_PROGRESS_CHANNEL, batch_id)
-        done.requeued = [row[0] for row in requeued]
-        done.given_up = [row[0] for row in given_up]
+            given_up = (await session.execute(give_up)).all()
+            lost = handback.Lost(given_up, (await session.execute(requeue)).all(), reason)
+        await dispatch_async(ctx.celery, ctx.sessions, lost.to_send())
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            lost.tell(pipe)
+            await pipe.execute()
+        done.requeued = [row[0] for row in lost.requeued]
+        done.given_up = [row[0] for row in lost.given_up]
 
-    async def _lost_messages(self, done: Sweep) -> None:
+    async def _broker_lost(self, run_id: str | None) -> None:
+        """If the broker has lost its data since the last sweep, drop every queued job's dispatch
+        record (the jobs are then sent again), then leave the mark again."""
+        ctx = self.ctx
+        if await ctx.redis.exists(BROKER_MARK_KEY):
+            return
+        async with ctx.sessions.begin() as session:
+            if not await session.scalar(select(func.pg_try_advisory_xact_lock(_LOCK))):
+                return
+            await session.execute(
+                update(Job)
+                .where(Job.status == JobStatus.queued, Job.dispatched_at.is_not(None))
+                .values(dispatched_at=None)
+            )
+        # After the commit: should it fail, the next sweep finds the mark missing still.
+        await ctx.redis.set(BROKER_MARK_KEY, run_id or "")
+
+    async def _lost_messages(self, done: Sweep, idle_since: dict[str, datetime]) -> None:
         ctx = self.ctx
         grace = ctx.settings.requeue_grace_seconds
-        waited = text(f"now() - interval '{float(grace)} seconds'")
         async with ctx.sessions() as session:
-            candidates = (
-                await session.execute(
-                    select(Job.id, Job.model, Job.batch_id)
-                    .outerjoin(Batch, Batch.id == Job.batch_id)
-                    .where(
-                        Job.status == JobStatus.queued,
-                        Job.queued_at < waited,
-                        # A batch's jobs are sent once the whole file is validated.
-                        or_(
-                            Job.batch_id.is_(None),
-                            and_(
-                                Batch.status == BatchStatus.in_progress,
-                                Batch.in_progress_at < waited,
-                            ),
-                        ),
-                    )
-                    .limit(_MAX_CANDIDATES)
-                )
-            ).all()
-        if not candidates:
-            return
-        present = await self._in_broker({model for _, model, _ in candidates}, grace)
-        missing = [row for row in candidates if row[0] not in present]
-        if not missing:
+            lost = set(await session.scalars(_never_sent(grace)))
+            # Every claim is seen: running now, or ended within two sweeps.
+            recent = 2 * ctx.settings.reconcile_seconds
+            for model, batch, mark in await session.execute(_delivered_through(recent)):
+                passed = _passed(model, batch, mark - timedelta(seconds=grace))
+                lost.update(await session.scalars(passed))
+            for model, since in idle_since.items():
+                for batch in (False, True):
+                    lost.update(await session.scalars(_passed(model, batch, since)))
+        if not lost:
             return
         async with ctx.sessions.begin() as session:
             if not await session.scalar(select(func.pg_try_advisory_xact_lock(_LOCK))):
@@ -223,37 +227,85 @@ class Reconciler:
             resent = (
                 await session.execute(
                     update(Job)
-                    .where(Job.id.in_([row[0] for row in missing]), Job.status == JobStatus.queued)
-                    .values(queued_at=func.now())
+                    .where(Job.id == func.any(_ids(sorted(lost))), Job.status == JobStatus.queued)
+                    .values(queued_at=func.now(), dispatched_at=None)
                     .returning(Job.id, Job.model, Job.batch_id)
                 )
             ).all()
-        await self._send(
-            [(job_id, model, batch_id is not None) for job_id, model, batch_id in resent]
+        await dispatch_async(
+            ctx.celery,
+            ctx.sessions,
+            [(job_id, model, batch_id is not None) for job_id, model, batch_id in resent],
         )
         done.resent = [row[0] for row in resent]
 
-    async def _in_broker(self, models: set[str], grace: float) -> set[str]:
-        """Ids of the jobs a message in the broker will deliver: waiting in a queue, or held
-        by a consumer for less than the grace period (longer means the consumer is gone)."""
-        redis = self.ctx.redis
-        present: set[str] = set()
-        for model in models:
-            for key in broker_lists(model):
-                for raw in await redis.lrange(key, 0, -1):
-                    present.update(job_ids_in_message(raw))
-        held: dict[Any, Any] = await redis.hgetall(UNACKED_KEY)
-        if held:
-            since = time.time() - grace
-            fresh = set(await redis.zrangebyscore(UNACKED_INDEX_KEY, since, "+inf"))
-            for tag, raw in held.items():
-                if tag in fresh:
-                    present.update(job_ids_in_message(raw))
-        return present
 
-    async def _send(self, jobs: list[tuple[str, str, bool]]) -> None:
-        if jobs:
-            await anyio.to_thread.run_sync(partial(send_jobs, self.ctx.celery, jobs))
+def _idle_since(beats: list[WorkerBeat], grace: float) -> dict[str, datetime]:
+    """Per model, since when one of its live workers has been idle, where that is longer ago
+    than `grace` seconds."""
+    cutoff = time.time() - grace
+    idle: dict[str, datetime] = {}
+    for beat in beats:
+        if beat.idle_since is not None and beat.idle_since < cutoff:
+            since = datetime.fromtimestamp(beat.idle_since, UTC)
+            idle[beat.model] = max(since, idle.get(beat.model, since))
+    return idle
+
+
+def _ago(seconds: float) -> ColumnElement[datetime]:
+    return func.now() - literal(timedelta(seconds=seconds))
+
+
+def _ids(ids: list[str]) -> BindParameter[Any]:
+    return bindparam("ids", ids, type_=ARRAY(String))
+
+
+def _never_sent(grace: float) -> Select:
+    """Queued jobs with no dispatch record that have waited past the grace period (a batch's are
+    sent once the whole file is validated: counted from then)."""
+    waited = _ago(grace)
+    return (
+        select(Job.id)
+        .outerjoin(Batch, Batch.id == Job.batch_id)
+        .where(
+            Job.status == JobStatus.queued,
+            Job.dispatched_at.is_(None),
+            Job.queued_at < waited,
+            or_(
+                Job.batch_id.is_(None),
+                and_(Batch.status == BatchStatus.in_progress, Batch.in_progress_at < waited),
+            ),
+        )
+        .limit(_MAX_CANDIDATES)
+    )
+
+
+def _delivered_through(seconds: float) -> Select:
+    """Per queue (model, batch or not): the latest dispatch among jobs claimed from it since,
+    running now or ended within `seconds`."""
+    is_batch = Job.batch_id.is_not(None).label("batch")
+    return (
+        select(Job.model, is_batch, func.max(Job.dispatched_at))
+        .where(
+            Job.started_at >= Job.dispatched_at,
+            or_(Job.status == JobStatus.running, Job.finished_at > _ago(seconds)),
+        )
+        .group_by(Job.model, is_batch)
+    )
+
+
+def _passed(model: str, batch: bool, before: datetime) -> Select:
+    """Queued jobs of a queue sent before `before`."""
+    return (
+        select(Job.id)
+        .where(
+            Job.status == JobStatus.queued,
+            Job.model == model,
+            Job.batch_id.is_not(None) if batch else Job.batch_id.is_(None),
+            Job.dispatched_at < before,
+        )
+        .limit(_MAX_CANDIDATES)
+    )
 
 
 def purge_unstored(cutoff: datetime, since: datetime | None, limit: int) -> Update:

@@ -7,21 +7,27 @@ job ended (the reconciler's purge); its accounting row stays.
 """
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import Iterable
-from typing import Any
 
-from sqlalchemy import and_, case, func, null, select, tuple_, type_coerce, update
+from sqlalchemy import and_, case, func, null, select, type_coerce, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.context import ApiContext
+from api.pagination import ListQuery, Positioned, in_memory, keyset
+from core.bus import JobCancel, JobDone, StreamError, add_to_stream, publish
 from core.errors import CancelledError, ConflictError, InvalidRequestError, NotFoundError
-from core.queue import JOB_CANCEL_CHANNEL, JOB_DONE_CHANNEL, add_to_stream
 from core.tables import ApiKey, Job, JobStatus
-from core.validation import check_metadata, check_range
+from core.validation import check_metadata
+from core.wire.resources import (
+    ChatCompletionDeleted,
+    ChatCompletionList,
+    ChatCompletionMessageList,
+    StoredChatCompletion,
+    StoredMessage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +51,6 @@ async def get_visible(session: AsyncSession, key: ApiKey, job_id: str) -> Job:
     ):
         raise not_found(job_id)
     return job
-
-
-def view(job: Job) -> dict[str, Any]:
-    """A job as OpenAI's `chat.completion`, with its `status`; in progress, without choices."""
-    if job.status == JobStatus.succeeded and job.response is not None:
-        return {**job.response, "status": job.status.value}
-    body: dict[str, Any] = {
-        "id": job.id,
-        "object": "chat.completion",
-        "created": job.created,
-        "model": job.model,
-        "choices": [],
-        "status": job.status.value,
-    }
-    if job.metadata_ is not None:
-        body["metadata"] = job.metadata_
-    if job.error is not None:
-        body["error"] = job.error["error"]
-    return body
 
 
 async def mark_delivered(ctx: ApiContext, job: Job) -> None:
@@ -108,28 +95,6 @@ async def deliver_forever(ctx: ApiContext, every: float = 0.1) -> None:
             log.warning("marking delivered results failed (%s); retrying", exc)
 
 
-def check_page(limit: int, order: str, max_limit: int = 100) -> None:
-    """`limit` within 1..max_limit and `order` asc or desc, as OpenAI's list endpoints take."""
-    check_range(limit, 1, max_limit, "limit")
-    if order not in ("asc", "desc"):
-        raise InvalidRequestError(
-            f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'.",
-            param="order",
-            code="invalid_value",
-        )
-
-
-def page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    """OpenAI's list object."""
-    return {
-        "object": "list",
-        "data": items,
-        "first_id": items[0]["id"] if items else "",
-        "last_id": items[-1]["id"] if items else "",
-        "has_more": has_more,
-    }
-
-
 def metadata_filter(query: Iterable[tuple[str, str]]) -> dict[str, str]:
     """The `metadata[key]=value` pairs of a list's query string. Any other parameter whose name
     begins with `metadata` (a bare `metadata=`, `metadata[a][b]`, a key given twice) is refused:
@@ -168,80 +133,53 @@ def metadata_filter(query: Iterable[tuple[str, str]]) -> dict[str, str]:
 async def list_completions(
     session: AsyncSession,
     key: ApiKey,
+    page: ListQuery,
     *,
-    after: str | None,
-    limit: int,
-    order: str,
     model: str | None,
     metadata: dict[str, str],
-) -> dict[str, Any]:
-    """A page of the caller's stored completions, keyset-paged on (created_at, id)."""
-    check_page(limit, order)
+) -> ChatCompletionList:
+    """A page of the caller's stored completions."""
     check_metadata(metadata)
     query = select(Job).where(_LISTED, Job.project == key.project)
     if model is not None:
         query = query.where(Job.model == model)
     if metadata:
         query = query.where(type_coerce(Job.metadata_, JSONB).contains(metadata))
-    position = tuple_(Job.created_at, Job.id)
-    if after is not None:
-        anchor = (
+
+    async def named(job_id: str) -> Positioned:
+        # Any job of the project, listed or not, marks a place in the list.
+        found = (
             await session.execute(
-                select(Job.created_at, Job.id).where(Job.id == after, Job.project == key.project)
+                select(Job.created_at, Job.id).where(Job.id == job_id, Job.project == key.project)
             )
         ).one_or_none()
-        if anchor is None:
-            raise not_found(after)
-        query = query.where(
-            position > tuple(anchor) if order == "asc" else position < tuple(anchor)
-        )
-    direction = (lambda c: c.asc()) if order == "asc" else (lambda c: c.desc())
-    query = query.order_by(direction(Job.created_at), direction(Job.id)).limit(limit + 1)
-    jobs = (await session.scalars(query)).all()
-    return page([view(job) for job in jobs[:limit]], len(jobs) > limit)
+        if found is None:
+            raise not_found(job_id)
+        return found
+
+    jobs = await keyset(session, query, Job.created_at, Job.id, page, named)
+    return ChatCompletionList.of([StoredChatCompletion.of(job) for job in jobs], page.limit)
 
 
-def _message(job_id: str, index: int, message: dict[str, Any]) -> dict[str, Any]:
-    content = message.get("content")
-    parts = content if isinstance(content, list) else None
-    if parts is not None:
-        content = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
-    out = {
-        "id": f"{job_id}-{index}",
-        "role": message["role"],
-        "content": content,
-        "refusal": None,
-        "name": message.get("name"),
-        "content_parts": parts,
-    }
-    for optional in ("tool_calls", "tool_call_id", "function_call"):
-        if message.get(optional):
-            out[optional] = message[optional]
-    return out
+def _no_message(message_id: str) -> NotFoundError:
+    return NotFoundError(f"No message found with id '{message_id}'.", param="after")
 
 
 async def list_messages(
-    session: AsyncSession, key: ApiKey, job_id: str, *, after: str | None, limit: int, order: str
-) -> dict[str, Any]:
+    session: AsyncSession, key: ApiKey, job_id: str, page: ListQuery
+) -> ChatCompletionMessageList:
     """A page of a stored completion's request messages."""
-    check_page(limit, order)
     job = await get_visible(session, key, job_id)
     if not job.store or job.request is None:
         raise not_found(job_id)
-    messages = [_message(job.id, i, m) for i, m in enumerate(job.request["messages"])]
-    if order == "desc":
-        messages.reverse()
-    if after is not None:
-        ids = [m["id"] for m in messages]
-        if after not in ids:
-            raise NotFoundError(f"No message found with id '{after}'.", param="after")
-        messages = messages[ids.index(after) + 1 :]
-    return page(messages[:limit], len(messages) > limit)
+    messages = [StoredMessage.of(job.id, i, m) for i, m in enumerate(job.request["messages"])]
+    listed = in_memory(messages, page, lambda message: message.id, _no_message)
+    return ChatCompletionMessageList.of(listed, page.limit)
 
 
 async def update_metadata(
     session: AsyncSession, key: ApiKey, job_id: str, metadata: dict[str, str] | None
-) -> dict[str, Any]:
+) -> StoredChatCompletion:
     """Replace a stored completion's metadata."""
     check_metadata(metadata)
     job = await get_visible(session, key, job_id)
@@ -251,10 +189,10 @@ async def update_metadata(
     if job.response is not None:
         job.response = {**job.response, "metadata": metadata}
     await session.commit()
-    return view(job)
+    return StoredChatCompletion.of(job)
 
 
-async def delete(session: AsyncSession, key: ApiKey, job_id: str) -> dict[str, Any]:
+async def delete(session: AsyncSession, key: ApiKey, job_id: str) -> ChatCompletionDeleted:
     """Delete a stored completion: its content goes, its accounting stays."""
     job = await get_visible(session, key, job_id)
     if not job.store:
@@ -266,10 +204,12 @@ async def delete(session: AsyncSession, key: ApiKey, job_id: str) -> dict[str, A
     job.idempotency_key = None
     job.request_hash = None
     await session.commit()
-    return {"object": "chat.completion.deleted", "id": job_id, "deleted": True}
+    return ChatCompletionDeleted(id=job_id, deleted=True)
 
 
-async def cancel(ctx: ApiContext, session: AsyncSession, key: ApiKey, job_id: str) -> dict:
+async def cancel(
+    ctx: ApiContext, session: AsyncSession, key: ApiKey, job_id: str
+) -> StoredChatCompletion:
     """Cancel a queued or running job; the worker running it aborts it in the engine."""
     job = await get_visible(session, key, job_id)
     result = await session.execute(
@@ -290,11 +230,11 @@ async def cancel(ctx: ApiContext, session: AsyncSession, key: ApiKey, job_id: st
             param="completion_id",
         )
     await session.refresh(job)
-    error = json.dumps(CancelledError().envelope())
     async with ctx.redis.pipeline(transaction=False) as pipe:
-        pipe.publish(JOB_CANCEL_CHANNEL, job_id)
-        pipe.publish(JOB_DONE_CHANNEL, job_id)
+        publish(pipe, JobCancel(job_id))
+        publish(pipe, JobDone(job_id))
         if (job.request or {}).get("stream"):
-            add_to_stream(pipe, job_id, {"error": error, "status": CancelledError.status_code})
+            error = CancelledError()
+            add_to_stream(pipe, job_id, StreamError(error.envelope(), error.status_code))
         await pipe.execute()
-    return view(job)
+    return StoredChatCompletion.of(job)

@@ -1,6 +1,6 @@
 """Wakes requests waiting for their job: one Redis subscription per API process.
 
-Workers publish a job's id on JOB_DONE_CHANNEL when it ends. Each waiting request registers an
+Workers publish a JobDone (core.bus) when a job ends. Each waiting request registers an
 event here before its job is enqueued, so no notification can slip past it; nothing polls Postgres.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import redis.asyncio as aioredis
 
-from core.queue import JOB_DONE_CHANNEL, LOOKUPS_CHANGED_CHANNEL, read_job_done
+from core.bus import JobDone, JobOutcome, LookupsChanged
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class Watch(asyncio.Event):
     """Set when the job may have ended; `outcome` is its stored result when the worker sent it."""
 
-    outcome: dict | None = None
+    outcome: JobOutcome | None = None
 
 
 class JobWaiter:
@@ -59,9 +59,9 @@ class JobWaiter:
                 if not events:
                     del self._events[job_id]
 
-    def _wake(self, job_id: str, outcome: dict | None = None) -> None:
-        for event in self._events.get(job_id, ()):
-            event.outcome = outcome
+    def _wake(self, done: JobDone) -> None:
+        for event in self._events.get(done.job_id, ()):
+            event.outcome = done.outcome
             event.set()
 
     def _wake_all(self) -> None:
@@ -73,7 +73,7 @@ class JobWaiter:
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(JOB_DONE_CHANNEL, LOOKUPS_CHANGED_CHANNEL)
+                    await pubsub.subscribe(JobDone.channel, LookupsChanged.channel)
                     self._subscribed.set()
                     # Jobs may have ended while the subscription was down: let waiters look.
                     self._wake_all()
@@ -81,11 +81,13 @@ class JobWaiter:
                     async for message in pubsub.listen():
                         if message["type"] != "message":
                             continue
-                        channel = message["channel"]
-                        if channel in (LOOKUPS_CHANGED_CHANNEL, LOOKUPS_CHANGED_CHANNEL.encode()):
+                        if message["channel"] in (
+                            LookupsChanged.channel,
+                            LookupsChanged.channel.encode(),
+                        ):
                             self._lookups_changed()
                             continue
-                        self._wake(*read_job_done(message["data"]))
+                        self._wake(JobDone.decode(message["data"]))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

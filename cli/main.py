@@ -165,11 +165,11 @@ def _lookups_changed() -> None:
     """Tell API processes to forget the keys they cached (else they do within seconds)."""
     import redis
 
-    from core.queue import LOOKUPS_CHANGED_CHANNEL
+    from core.bus import LookupsChanged, publish
     from core.settings import CoreSettings
 
     try:
-        redis.Redis.from_url(CoreSettings().redis_url).publish(LOOKUPS_CHANGED_CHANNEL, "keys")
+        publish(redis.Redis.from_url(CoreSettings().redis_url), LookupsChanged("keys"))
     except redis.RedisError as exc:
         print(f"(Redis unreachable: {exc}; API processes see the change within seconds)")
 

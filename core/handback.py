@@ -1,11 +1,13 @@
 """Jobs whose worker is gone go back to the queue, or fail when they cannot be run again.
 
 Used by a worker handing back its own jobs (shutdown timeout, engine death) and by the API's
-reconciler for the jobs of workers that vanished. Each function returns one statement (an
-UPDATE, or for `give_up` a SELECT over UPDATEs, which counts the failed jobs in their batches);
-the caller executes it in its own (sync or async) session.
+reconciler for the jobs of workers that vanished, in the same steps: execute `statements` in one
+transaction of its own (sync or async) session; keep their rows as `Lost`; send `Lost.to_send`
+again (core.queue); then queue `Lost.tell` on a Redis pipeline and execute it.
 """
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -22,7 +24,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
+from core.bus import (
+    BatchProgress,
+    JobDone,
+    StreamError,
+    add_to_stream,
+    publish,
+)
 from core.errors import FerryError
+from core.queue import Dispatch
 from core.tables import Batch, Job, JobStatus
 
 
@@ -54,7 +64,7 @@ def requeue(where: ColumnElement[bool], max_attempts: int) -> Update:
     return (
         update(Job)
         .where(where, _retryable(max_attempts))
-        .values(status=JobStatus.queued, worker=None, queued_at=func.now())
+        .values(status=JobStatus.queued, worker=None, queued_at=func.now(), dispatched_at=None)
         .returning(Job.id, Job.model, Job.batch_id)
     )
 
@@ -112,3 +122,35 @@ def give_up(where: ColumnElement[bool], max_attempts: int, reason: str) -> Selec
         .cte("counted")
     )
     return select(failed.c.id, failed.c.batch_id, failed.c.stream).add_cte(counted)
+
+
+def statements(where: ColumnElement[bool], max_attempts: int, reason: str) -> tuple[Select, Update]:
+    """`give_up` then `requeue` of the jobs among `where`, to execute in this order in one
+    transaction; their rows make a `Lost`."""
+    return give_up(where, max_attempts, reason), requeue(where, max_attempts)
+
+
+@dataclass
+class Lost:
+    """Jobs handed back: those failed (rows of `give_up`) and those requeued (of `requeue`)."""
+
+    given_up: Sequence[Any]
+    requeued: Sequence[Any]
+    reason: str
+
+    def to_send(self) -> list[Dispatch]:
+        """The requeued jobs, for core.queue to send again."""
+        return [(job_id, model, batch_id is not None) for job_id, model, batch_id in self.requeued]
+
+    def tell(self, pipe: Any) -> None:
+        """Queue on a Redis pipeline (sync or asyncio) what the API and clients are told: a
+        streamed job's stream ends with the error, waiters of failed jobs wake, and the batches
+        of all these jobs are looked at again."""
+        error = WorkerLostError(self.reason)
+        for job_id, _batch_id, stream in self.given_up:
+            if stream:
+                add_to_stream(pipe, job_id, StreamError(error.envelope(), error.status_code))
+            publish(pipe, JobDone(job_id))
+        batches = {b for _, _, b in self.requeued if b} | {b for _, b, _ in self.given_up if b}
+        for batch_id in sorted(batches):
+            publish(pipe, BatchProgress(batch_id))

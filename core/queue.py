@@ -1,43 +1,43 @@
-"""The contract between the API and the workers: task names, queues, Redis keys, Celery config.
+"""The contract between the API and the workers: task names, queues, Celery's configuration, and
+how a job is sent to its queue (and recorded as sent, for the reconciler).
 
-The API sends tasks by name; it never imports the workers' code.
+The API sends tasks by name; it never imports the workers' code. The messages exchanged through
+Redis besides the queues are in core.bus.
 """
 
-import base64
 import json
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
+import anyio
 from celery import Celery
+from sqlalchemy import String, Update, bindparam, func, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
+from core.bus import BatchChunk
 from core.settings import CoreSettings
+from core.tables import Job
 
 T = TypeVar("T")
 
 CHAT_COMPLETION_TASK = "ferry.chat_completion"
-# A chunk of a batch's jobs, by id, run together in the engine at batch priority. Chunks go to
-# their own queue, which a worker pulls from only while its engine has room for another chunk:
-# a batch spreads over every worker serving its model.
-BATCH_TASK = "ferry.chat_completion_batch"
+# A batch's jobs go BATCH_CHUNK ids per message (core.bus.BatchChunk) to their model's batch
+# queue, which a worker pulls from only while its engine has room for another chunk: a batch
+# spreads over every worker serving its model.
 BATCH_CHUNK = 32
-# Workers publish a batch id here when some of its jobs end; the API finalizes done batches.
-BATCH_PROGRESS_CHANNEL = "ferry:batches:progress"
-# Published when a job reaches a final state: its id, or (from a worker that has just stored it)
-# {"id", "status", "response" | "error" + "error_status"}, which spares the waiting API a read.
-JOB_DONE_CHANNEL = "ferry:jobs:done"
-# Published when an API key is revoked or a model (re)announced: API processes drop what they
-# cached of keys and models.
-LOOKUPS_CHANGED_CHANNEL = "ferry:lookups:changed"
-# The API publishes a job id here to cancel it; the worker running it aborts it in the engine.
-JOB_CANCEL_CHANNEL = "ferry:jobs:cancel"
-# A streamed job's chunks: entries {"chunk": JSON} ..., then {"done": "1"} or
-# {"error": envelope JSON, "status": HTTP status}. Kept this long after its last entry (the API
-# deletes it once delivered): see add_to_stream.
-STREAM_TTL_SECONDS = 600
 # Hash: worker id -> WorkerBeat JSON. A beat older than the TTL means the worker is gone.
 WORKERS_KEY = "ferry:workers"
+# Set by the reconciler, kept by Redis as long as its queues: gone means the broker lost them.
+BROKER_MARK_KEY = "ferry:broker:mark"
+# Dispatch records written per statement.
+_MARK_ROWS = 10_000
+
+# (job id, model, is batch work)
+Dispatch = tuple[str, str, bool]
 
 
 def queue_for(model: str) -> str:
@@ -50,50 +50,16 @@ def batch_queue_for(model: str) -> str:
     return f"ferry.batch.{model}"
 
 
-# Kombu's Redis transport: a queue is a list per priority step; messages a consumer holds but
-# has not acknowledged sit in a hash (with their delivery time in a sorted set).
-_PRIORITY_SUFFIXES = ["", "\x06\x163", "\x06\x166", "\x06\x169"]
-UNACKED_KEY = "unacked"
-UNACKED_INDEX_KEY = "unacked_index"
+def send_jobs(celery: Celery, jobs: Iterable[Dispatch]) -> list[str]:
+    """Send jobs to their queues over one connection; the ids sent.
 
-
-def broker_lists(model: str) -> list[str]:
-    """The Redis lists holding a model's pending messages."""
-    return [
-        name + suffix
-        for name in (queue_for(model), batch_queue_for(model))
-        for suffix in _PRIORITY_SUFFIXES
-    ]
-
-
-def job_ids_in_message(raw: bytes | str) -> list[str]:
-    """The job ids a Celery message (as kombu stores it in Redis) carries; [] if not ours."""
-    try:
-        message = json.loads(raw)
-        if isinstance(message, list):  # an unacknowledged entry: [message, exchange, key]
-            message = message[0]
-        task = message.get("headers", {}).get("task")
-        body: Any = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return []
-    if task == CHAT_COMPLETION_TASK:
-        return [args[0]]
-    if task == BATCH_TASK:
-        return list(args[0])
-    return []
-
-
-def send_jobs(celery: Celery, jobs: Iterable[tuple[str, str, bool]]) -> None:
-    """Send (job id, model, is batch work) to their queues over one connection.
-
-    Interactive jobs go one per message; batch jobs BATCH_CHUNK per message.
+    Interactive jobs go one per message (a Celery task); batch jobs BATCH_CHUNK per message.
     """
     chunks: dict[str, list[str]] = {}
+    sent: list[str] = []
     with celery.producer_or_acquire() as producer:
         for job_id, model, batch in jobs:
+            sent.append(job_id)
             if not batch:
                 celery.send_task(
                     CHAT_COMPLETION_TASK, args=[job_id], queue=queue_for(model), producer=producer
@@ -102,54 +68,55 @@ def send_jobs(celery: Celery, jobs: Iterable[tuple[str, str, bool]]) -> None:
             chunk = chunks.setdefault(model, [])
             chunk.append(job_id)
             if len(chunk) == BATCH_CHUNK:
-                _send_chunk(celery, producer, model, chunk)
+                _send_chunk(producer, model, chunk)
                 chunks[model] = []
         for model, chunk in chunks.items():
             if chunk:
-                _send_chunk(celery, producer, model, chunk)
+                _send_chunk(producer, model, chunk)
+    return sent
 
 
-def _send_chunk(celery: Celery, producer: Any, model: str, ids: list[str]) -> None:
-    celery.send_task(BATCH_TASK, args=[ids], queue=batch_queue_for(model), producer=producer)
+def _send_chunk(producer: Any, model: str, ids: list[str]) -> None:
+    # The default exchange routes by queue name; the batch puller reads the queue itself.
+    producer.publish(
+        BatchChunk(ids).encode(), exchange="", routing_key=batch_queue_for(model), serializer="json"
+    )
 
 
-# A stored result rides with its job-done notification only up to this size; a larger one is
-# read back from Postgres. Pub/sub sends every message whole to every API process, and Redis
-# disconnects a subscriber whose output buffer overflows (32 MiB by default).
-NOTIFIED_RESULT_MAX_BYTES = 64 << 10
+def mark_dispatched(ids: Sequence[str]) -> Update:
+    """Record that these jobs' messages are in the broker (the reconciler resends those without).
+
+    A job claimed before this runs was stamped by its claim, and keeps that time.
+    """
+    return (
+        update(Job)
+        .where(
+            Job.id == func.any(bindparam("ids", list(ids), type_=ARRAY(String))),
+            Job.dispatched_at.is_(None),
+        )
+        .values(dispatched_at=func.now())
+    )
 
 
-def job_done_message(job_id: str, outcome: dict[str, Any] | None = None) -> str:
-    """What a worker publishes on JOB_DONE_CHANNEL: the job's id, with `outcome` (only what was
-    stored) if it is small enough."""
-    if outcome is None:
-        return job_id
-    message = json.dumps({"id": job_id, **outcome})
-    return message if len(message) <= NOTIFIED_RESULT_MAX_BYTES else job_id
+def _marks(ids: list[str]) -> list[Update]:
+    return [mark_dispatched(ids[i : i + _MARK_ROWS]) for i in range(0, len(ids), _MARK_ROWS)]
 
 
-def read_job_done(data: bytes | str) -> tuple[str, dict[str, Any] | None]:
-    """(job id, stored outcome or None) from a JOB_DONE_CHANNEL message."""
-    text = data.decode() if isinstance(data, bytes) else data
-    if not text.startswith("{"):
-        return text, None
-    outcome = json.loads(text)
-    return outcome.pop("id"), outcome
+def dispatch(celery: Celery, sessions: sessionmaker[Session], jobs: Iterable[Dispatch]) -> None:
+    """Send jobs to their queues, then record them as sent (the worker's way: sync)."""
+    for statement in _marks(send_jobs(celery, jobs)):
+        with sessions.begin() as session:
+            session.execute(statement)
 
 
-def stream_key(job_id: str) -> str:
-    """The Redis stream a streamed job's chunks travel through, from the worker to the API."""
-    return f"ferry:stream:{job_id}"
-
-
-def add_to_stream(pipe: Any, job_id: str, entry: dict[Any, Any]) -> None:
-    """Queue an entry of a job's stream on a Redis pipeline (sync or asyncio), with the stream's
-    expiry: each write sets it again, so that a stream lives STREAM_TTL_SECONDS past its last
-    entry whoever writes it (worker, API, reconciler) and whether or not anyone ends or reads it.
-    Every XADD to a job's stream goes through here: Redis has no XADD that sets a TTL."""
-    key = stream_key(job_id)
-    pipe.xadd(key, entry)
-    pipe.expire(key, STREAM_TTL_SECONDS)
+async def dispatch_async(
+    celery: Celery, sessions: async_sessionmaker, jobs: Iterable[Dispatch]
+) -> None:
+    """Send jobs to their queues, then record them as sent (the API's way: Celery in a thread)."""
+    sent = await anyio.to_thread.run_sync(send_jobs, celery, list(jobs))
+    for statement in _marks(sent):
+        async with sessions.begin() as session:
+            await session.execute(statement)
 
 
 def make_celery(settings: CoreSettings, name: str = "ferry") -> Celery:
@@ -185,13 +152,19 @@ class WorkerBeat:
     seen_at: float
     # The engine's known-answer check, in one line (workers.self_check).
     self_check: str = ""
+    # Since when (epoch seconds) the worker has had no job in its engine while it takes work;
+    # None while it has one, or has stopped taking work. A worker idle that long has taken
+    # every message its queues held from before then (api.reconciler).
+    idle_since: float | None = None
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def loads(cls, raw: str | bytes) -> "WorkerBeat":
-        return cls(**json.loads(raw))
+        """A beat, from this release or another (fields it does not know are left out)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(raw).items() if k in known})
 
     def alive(self, ttl: float, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) - self.seen_at <= ttl

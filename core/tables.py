@@ -220,6 +220,9 @@ class Job(Base):
     created_at: Mapped[datetime] = _now_column()
     # When the job last entered its queue (at creation, or when the reconciler sent it again).
     queued_at: Mapped[datetime] = _now_column()
+    # When its message was last handed to the broker (or, if sooner, claimed from it); None while
+    # it is not (yet) in the broker. The reconciler sends queued jobs without one.
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When the result reached its client; a `store: false` job's content is purged from then on.
@@ -233,6 +236,17 @@ class Job(Base):
         Index("ix_jobs_model_status", "model", "status"),
         # The reconciler: queued jobs whose message may be lost, running jobs of dead workers.
         Index("ix_jobs_queued_at", "queued_at", postgresql_where=text("status = 'queued'")),
+        Index(
+            "ix_jobs_undispatched",
+            "queued_at",
+            postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
+        ),
+        Index(
+            "ix_jobs_queued_dispatched",
+            "model",
+            "dispatched_at",
+            postgresql_where=text("status = 'queued'"),
+        ),
         Index("ix_jobs_running_worker", "worker", postgresql_where=text("status = 'running'")),
         Index("ix_jobs_project_created_at", "project", "created_at"),
         # Throughput over the last minutes (the dashboard), read from the index alone.

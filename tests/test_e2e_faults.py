@@ -295,11 +295,14 @@ def test_postgres_stopped_answers_503_then_recovers_and_loses_nothing(
         assert http.get(f"/v1/chat/completions/{job_id}").json()["status"] == "succeeded"
 
 
-def test_a_job_committed_but_never_enqueued_is_run_by_the_reconciler(
-    live_worker: Stack, api_key: str, http: httpx.Client, db: Engine
+@pytest.mark.parametrize("sent", [False, True], ids=["never-sent", "sent-then-lost"])
+def test_a_job_whose_message_never_reached_a_worker_is_run_by_the_reconciler(
+    sent: bool, live_worker: Stack, api_key: str, http: httpx.Client, db: Engine
 ) -> None:
+    """Never sent: what an API process that died between its commit and its send leaves. Sent
+    and then lost, with no other traffic to show it: what a worker that took the message and
+    died before claiming the job leaves (the suite's worker is idle, so the message is gone)."""
     assert api_key  # the suite's key, named "suite", owns the job
-    # What an API process that died between its commit and its send leaves behind.
     job_id = f"chatcmpl-orphan{int(time.time() * 1000)}"
     request = {
         "model": MODEL,
@@ -311,11 +314,12 @@ def test_a_job_committed_but_never_enqueued_is_run_by_the_reconciler(
         conn.execute(
             text(
                 "INSERT INTO jobs (id, project, api_key_id, model, status, request, store,"
-                " attempts, created)"
+                " attempts, created, dispatched_at)"
                 " SELECT :id, project, id, :model, 'queued', CAST(:request AS jsonb), true, 0,"
-                " extract(epoch from now())::bigint FROM api_keys WHERE name = 'suite' LIMIT 1"
+                " extract(epoch from now())::bigint, CASE WHEN :sent THEN now() END"
+                " FROM api_keys WHERE name = 'suite' LIMIT 1"
             ),
-            {"id": job_id, "model": MODEL, "request": json.dumps(request)},
+            {"id": job_id, "model": MODEL, "request": json.dumps(request), "sent": sent},
         )
     job = poll(
         lambda: (

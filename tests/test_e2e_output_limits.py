@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from bench.stack import Stack, free_port
-from core.queue import JOB_DONE_CHANNEL, NOTIFIED_RESULT_MAX_BYTES
+from core.bus import JOB_DONE_CHANNEL, NOTIFIED_RESULT_MAX_BYTES
 from tests.conftest import MODEL
 
 pytestmark = pytest.mark.e2e

@@ -21,7 +21,8 @@ import redis
 from sqlalchemy import Engine, text
 
 from bench.stack import Stack, free_port
-from core.queue import queue_for, stream_key
+from core.bus import stream_key
+from core.queue import queue_for
 from tests.conftest import MODEL
 from tests.test_api_errors import assert_envelope
 

@@ -5,7 +5,6 @@ import pytest
 
 from core import output_limits
 from core.errors import InvalidRequestError
-from core.queue import NOTIFIED_RESULT_MAX_BYTES, job_done_message, read_job_done
 from core.settings import ApiSettings
 from core.wire.requests import ChatCompletionRequest
 
@@ -64,11 +63,3 @@ def test_without_a_known_context_only_asked_tokens_count() -> None:
     output_limits.check(request(n=128), None, SETTINGS)
     with pytest.raises(InvalidRequestError):
         output_limits.check(request(n=128, max_tokens=9), None, SETTINGS)
-
-
-def test_a_small_result_rides_with_its_notification_and_a_large_one_does_not() -> None:
-    small = {"status": "succeeded", "result": {"content": "x" * 100}}
-    assert read_job_done(job_done_message("chatcmpl-1", small)) == ("chatcmpl-1", small)
-    large = {"status": "succeeded", "result": {"content": "x" * NOTIFIED_RESULT_MAX_BYTES}}
-    assert job_done_message("chatcmpl-2", large) == "chatcmpl-2"
-    assert read_job_done(job_done_message("chatcmpl-2", large)) == ("chatcmpl-2", None)

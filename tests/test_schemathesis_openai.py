@@ -18,7 +18,7 @@ them here, so that the rest of those requests reaches the checks behind.
 
 import re
 import zlib
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
@@ -33,7 +33,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from bench.stack import Stack
-from core.wire.requests import ChatCompletionRequest, ChatMessage
+from core.wire.messages import ChatMessage
+from core.wire.requests import ChatCompletionRequest
 from tests.fuzzing import (
     Budget,
     cap_chat_completions,
@@ -53,7 +54,9 @@ CHAT_EXAMPLES = {GenerationMode.POSITIVE: 150, GenerationMode.NEGATIVE: 100}
 MIN_EXAMPLES = 1500
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 REQUEST_FIELDS = set(ChatCompletionRequest.model_fields)
-MESSAGE_FIELDS = set(ChatMessage.model_fields)
+MESSAGE_FIELDS = {
+    field for role in get_args(get_args(ChatMessage)[0]) for field in role.model_fields
+}
 # `GET /chat/completions`' own parameters; OpenAI declares `metadata` a form-exploded object, so
 # schemathesis sends its pairs as bare parameters.
 LIST_PARAMETERS = {"model", "metadata", "after", "limit", "order"}

@@ -11,8 +11,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from core.bus import STREAM_TTL_SECONDS, StreamChunk, StreamDone, add_to_stream, stream_key
 from core.ids import new_id
-from core.queue import STREAM_TTL_SECONDS, add_to_stream, stream_key
 from workers.runtime import Runtime
 from workers.streams import write_stream
 
@@ -35,7 +35,7 @@ def client() -> redis.Redis:
 def test_the_first_entry_of_a_stream_sets_its_expiry(client: redis.Redis) -> None:
     job_id = new_id("chatcmpl")
     with client.pipeline(transaction=False) as pipe:
-        add_to_stream(pipe, job_id, {"chunk": "{}"})
+        add_to_stream(pipe, job_id, StreamChunk(b"{}"))
         pipe.execute()
     assert 0 < _ttl_of(client, job_id) <= STREAM_TTL_SECONDS
     assert client.xlen(stream_key(job_id)) == 1
@@ -48,7 +48,7 @@ def test_each_entry_sets_it_again(client: redis.Redis) -> None:
     client.xadd(stream_key(job_id), {"chunk": "{}"})
     client.expire(stream_key(job_id), 5)
     with client.pipeline(transaction=False) as pipe:
-        add_to_stream(pipe, job_id, {"done": "1"})
+        add_to_stream(pipe, job_id, StreamDone())
         pipe.execute()
     assert _ttl_of(client, job_id) > 5
     client.delete(stream_key(job_id))
@@ -63,7 +63,7 @@ def test_a_workers_stream_expires_though_it_never_ends(client: redis.Redis) -> N
         stream_redis = aioredis.Redis.from_url(REDIS_URL)
         try:
             rt = cast(Runtime, SimpleNamespace(stream_redis=stream_redis))
-            await write_stream(rt, job_id, {"chunk": '{"id": "x"}'})
+            await write_stream(rt, job_id, StreamChunk(b'{"id": "x"}'))
         finally:
             await stream_redis.aclose()
 

@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 from core.errors import InvalidRequestError
 from core.validation import check_request
 from core.wire.requests import ChatCompletionRequest
+from core.wire.wording import refused
 from tests.conftest import MODEL
 from tests.test_api_errors import URL, assert_envelope, count_jobs
 
@@ -139,7 +140,7 @@ CASES = [
     (
         with_(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
         "response_format.json_schema.name",
-        "invalid_value",
+        "missing_required_parameter",
     ),
     (with_(service_tier="flex"), "service_tier", "invalid_value"),
     # features this model does not have
@@ -218,9 +219,12 @@ LEGACY = {
 
 
 def _refusal(body: dict) -> tuple[str | None, str | None] | None:
-    """The (param, code) `check_request` refuses `body` with; None if it passes."""
+    """The (param, code) the types or `check_request` refuse `body` with; None if it passes."""
     try:
         check_request(ChatCompletionRequest.model_validate(body))
+    except ValidationError as exc:
+        error = refused(exc, ChatCompletionRequest)
+        return error.param, error.code
     except InvalidRequestError as exc:
         return exc.param, exc.code
     return None
@@ -294,7 +298,7 @@ def _message(**fields):
             "tool_choice.function",
             "missing_required_parameter",
         ),
-        (with_(tools=[TOOL], tool_choice={"type": {}}), "tool_choice.type", "invalid_value"),
+        (with_(tools=[TOOL], tool_choice={"type": {}}), "tool_choice.type", "invalid_type"),
         (
             with_(functions=[TOOL["function"]], function_call={"name": {}}),
             "function_call.name",
@@ -305,22 +309,22 @@ def _message(**fields):
             "function_call.name",
             "missing_required_parameter",
         ),
-        (with_(tools=[{"type": {}}]), "tools[0].type", "invalid_value"),
+        (with_(tools=[{"type": {}}]), "tools[0].type", "invalid_type"),
         (
             with_(tools=[{"type": "function", "function": {"name": {}}}]),
             "tools[0].function.name",
-            "invalid_value",
+            "invalid_type",
         ),
-        (with_(response_format={"type": {}}), "response_format.type", "invalid_value"),
+        (with_(response_format={"type": {}}), "response_format.type", "invalid_type"),
         (
             _message(role="assistant", tool_calls=[{**CALL, "id": {}}]),
             "messages[2].tool_calls[0].id",
-            "invalid_value",
+            "invalid_type",
         ),
         (
             _message(role="assistant", tool_calls=[{**CALL, "type": {}}]),
-            "messages[2].tool_calls[0].function",
-            "invalid_value",
+            "messages[2].tool_calls[0].type",
+            "invalid_type",
         ),
         # '²' is a digit to str.isdigit, and not to int().
         (with_(logit_bias={"²": 1}), "logit_bias.²", "invalid_type"),

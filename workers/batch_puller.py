@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from core.bus import BatchChunk
 from core.queue import BATCH_CHUNK, batch_queue_for
 from workers import jobs, metrics, shaping
 from workers.engine import EngineDead
@@ -130,7 +131,7 @@ class BatchPuller(threading.Thread):
             if message is None:
                 self.rt.stopping.wait(0.1)
                 continue
-            job_ids = message.decode()[0][0]
+            job_ids = BatchChunk.decode(message.decode()).job_ids
             with self.changed:
                 # Counted up front: the chunk's jobs may end before start_chunk returns.
                 self.chunks += 1

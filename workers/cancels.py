@@ -5,7 +5,7 @@ import threading
 
 import redis
 
-from core.queue import JOB_CANCEL_CHANNEL
+from core.bus import JobCancel
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -22,10 +22,13 @@ class CancelListener(threading.Thread):
         while True:
             try:
                 pubsub = self.rt.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(JOB_CANCEL_CHANNEL)
+                pubsub.subscribe(JobCancel.channel)
                 for message in pubsub.listen():
-                    if message["type"] == "message" and self.rt.cancel(message["data"].decode()):
-                        log.info("aborted job %s", message["data"].decode())
+                    if message["type"] != "message":
+                        continue
+                    cancel = JobCancel.decode(message["data"])
+                    if self.rt.cancel(cancel.job_id):
+                        log.info("aborted job %s", cancel.job_id)
             except redis.RedisError as exc:
                 log.warning("cancel notifications lost (%s); resubscribing", exc)
                 threading.Event().wait(1)

@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TypeVar
 
 from core.errors import FerryError, InvalidRequestError
 from core.settings import WorkerSettings
+from core.wire.wording import refused
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +222,8 @@ class EngineHost(LoopHost):
         try:
             request = ChatCompletionRequest.model_validate({**fields, "request_id": request_id})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise InvalidRequestError(first["msg"], param=param) from exc
+            # Ferry's types let through what vLLM's refuse: worded as the API would word it.
+            raise refused(exc) from exc
         result = await self._chat.create_chat_completion(request)
         if isinstance(result, ErrorResponse):
             raise engine_error(

@@ -18,6 +18,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.bus import JobOutcome
 from core.tables import Batch, Job, JobStatus
 
 
@@ -55,6 +56,8 @@ def claim_many(
                 started_at=func.now(),
                 attempts=Job.attempts + 1,
                 worker=worker,
+                # Claimed before its sender recorded the dispatch: the claim records it.
+                dispatched_at=func.coalesce(Job.dispatched_at, func.now()),
             )
             .returning(
                 Job.id,
@@ -80,11 +83,11 @@ class Outcome:
     # The job's batch, whose counts its end moves.
     batch_id: str | None = None
 
-    def sent(self) -> dict[str, Any]:
+    def sent(self) -> JobOutcome:
         """The outcome as the job-done notification carries it."""
         if self.response is not None:
-            return {"status": "succeeded", "response": self.response}
-        return {"status": "failed", "error": self.error, "error_status": self.error_status}
+            return JobOutcome("succeeded", response=self.response)
+        return JobOutcome("failed", error=self.error, error_status=self.error_status)
 
 
 def finish_many(session: Session, outcomes: list[Outcome]) -> int:

@@ -17,11 +17,11 @@ from celery.signals import worker_shutting_down
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
 
+from core.bus import LookupsChanged, publish
 from core.db import sync_engine, sync_sessions
 from core.queue import (
     BATCH_CHUNK,
     FAILED_CHECKS_KEY,
-    LOOKUPS_CHANGED_CHANNEL,
     WORKERS_KEY,
     FailedCheck,
     WorkerBeat,
@@ -103,7 +103,7 @@ def announce_model(
             )
         )
     with contextlib.suppress(redis.RedisError):
-        client.publish(LOOKUPS_CHANGED_CHANNEL, settings.model)
+        publish(client, LookupsChanged(settings.model))
 
 
 def record_failed_check(
@@ -116,16 +116,22 @@ def record_failed_check(
 
 
 class Heartbeat(threading.Thread):
-    """Tells the API this worker lives; stops beating when the engine dies."""
+    """Tells the API this worker lives, and whether it is idle; stops beating when the engine
+    dies."""
 
-    def __init__(self, client: redis.Redis, beat: WorkerBeat, every: float, engine: LoopHost):
+    def __init__(self, client: redis.Redis, beat: WorkerBeat, every: float, rt: runtime.Runtime):
         super().__init__(name="heartbeat", daemon=True)
-        self.client, self.beat, self.every, self.engine = client, beat, every, engine
+        self.client, self.beat, self.every, self.rt = client, beat, every, rt
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.is_set() and not self.engine.dead.is_set():
+        while not self.stopped.is_set() and not self.rt.engine.dead.is_set():
             self.beat.seen_at = time.time()
+            if self.rt.inflight or self.rt.stopping.is_set():
+                self.beat.idle_since = None
+            else:
+                since = self.beat.idle_since or self.beat.seen_at
+                self.beat.idle_since = max(since, self.rt.last_ended)
             try:
                 self.client.hset(WORKERS_KEY, self.beat.worker_id, self.beat.dumps())
             except redis.RedisError as exc:
@@ -266,7 +272,7 @@ def run(settings: WorkerSettings, loglevel: str = "INFO") -> None:
             self_check=checked.summary() if checked else "not run",
         ),
         settings.heartbeat_seconds,
-        engine,
+        rt,
     )
     heartbeat.start()
     metrics.serve(

@@ -11,8 +11,8 @@ import redis
 from sqlalchemy.exc import OperationalError
 
 from core import logs
+from core.bus import BatchProgress, publish
 from core.errors import EngineError, FerryError
-from core.queue import BATCH_PROGRESS_CHANNEL
 from workers import jobs, metrics, shaping
 from workers.engine import EngineDead
 from workers.handback import die
@@ -50,7 +50,7 @@ def store_results(
     dead: EngineDead | None = None
     batches: set[str] = set()
     for job_id, answering, future in ended:
-        rt.inflight.pop(job_id, None)
+        rt.ended(job_id)
         if answering.batch_id is not None:
             batches.add(answering.batch_id)
         try:
@@ -68,7 +68,7 @@ def store_results(
         die(rt, dead)
     with contextlib.suppress(redis.RedisError):
         for batch_id in batches:
-            rt.redis.publish(BATCH_PROGRESS_CHANNEL, batch_id)
+            publish(rt.redis, BatchProgress(batch_id))
 
 
 def store_outcomes(rt: Runtime, outcomes: list[jobs.Outcome]) -> int:

@@ -5,6 +5,7 @@ its engine, and how it hands its jobs back and exits when the engine dies.
 import concurrent.futures
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import redis
@@ -42,8 +43,15 @@ class Runtime:
     max_attempts: int = 3
     # Jobs in the engine now, by id: cancelling one's future aborts it.
     inflight: dict[str, concurrent.futures.Future] = field(default_factory=dict)
+    # When a job last left the engine (epoch seconds): the heartbeat's idleness starts no sooner.
+    last_ended: float = 0.0
     # Set on SIGTERM: take no more work.
     stopping: threading.Event = field(default_factory=threading.Event)
+
+    def ended(self, job_id: str) -> None:
+        """The job has left the engine."""
+        self.inflight.pop(job_id, None)
+        self.last_ended = time.time()
 
     def cancel(self, job_id: str) -> bool:
         """Abort a job if it runs here."""

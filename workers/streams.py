@@ -6,8 +6,8 @@ import logging
 from typing import Any
 
 from core import logs
+from core.bus import StreamChunk, StreamEntry, StreamError, add_to_stream
 from core.errors import CancelledError, EngineError, FerryError
-from core.queue import add_to_stream
 from workers import shaping
 from workers.runtime import ENGINE_FAILED, Runtime
 
@@ -27,7 +27,7 @@ async def relay_stream(
             assembler.add(raw)
             shaped = shaping.chunk(raw, answering)
             if shaped is not None:
-                await write_stream(rt, job_id, {"chunk": json.dumps(shaped)})
+                await write_stream(rt, job_id, StreamChunk(json.dumps(shaped).encode()))
     except BaseException as exc:
         if isinstance(exc, asyncio.CancelledError):
             error: FerryError = CancelledError()
@@ -36,15 +36,13 @@ async def relay_stream(
         else:
             log.error("stream of job %s failed: %r", job_id, exc, extra=logs.job_fields(job_id))
             error = EngineError(ENGINE_FAILED)
-        await write_stream(
-            rt, job_id, {"error": json.dumps(error.envelope()), "status": error.status_code}
-        )
+        await write_stream(rt, job_id, StreamError(error.envelope(), error.status_code))
         raise
     return assembler.completion()
 
 
-async def write_stream(rt: Runtime, job_id: str, entry: dict[Any, Any]) -> None:
-    """An entry of a job's stream, whose expiry each write sets again (core.queue)."""
+async def write_stream(rt: Runtime, job_id: str, entry: StreamEntry) -> None:
+    """An entry of a job's stream, whose expiry each write sets again (core.bus)."""
     async with rt.stream_redis.pipeline(transaction=False) as pipe:
         add_to_stream(pipe, job_id, entry)
         await pipe.execute()

@@ -4,8 +4,9 @@ import concurrent.futures
 import logging
 
 from core import logs
+from core.bus import JobDone, StreamDone, publish
 from core.errors import EngineError, FerryError
-from core.queue import CHAT_COMPLETION_TASK, JOB_DONE_CHANNEL, job_done_message
+from core.queue import CHAT_COMPLETION_TASK
 from workers import jobs, metrics, shaping
 from workers.engine import EngineDead
 from workers.handback import die
@@ -46,7 +47,7 @@ def chat_completion(job_id: str) -> None:
         try:
             result = future.result()
         finally:
-            rt.inflight.pop(job_id, None)
+            rt.ended(job_id)
         outcome = jobs.Outcome(
             job_id,
             result if stream else shaping.completion(result, answering),
@@ -67,8 +68,8 @@ def chat_completion(job_id: str) -> None:
     stored = store_outcomes(rt, [outcome]) if outcome is not None else 0
     if stream and outcome is not None and outcome.response is not None:
         # After the result is stored: a client that sees the end can read it back at once.
-        rt.engine.run(write_stream(rt, job_id, {"done": "1"}))
+        rt.engine.run(write_stream(rt, job_id, StreamDone()))
     # What was stored goes with the notification, so the waiting API need not read it back;
     # not for a stream (its client has read the chunks) nor a job that had ended otherwise.
     sent = outcome.sent() if stored and outcome is not None and not stream else None
-    rt.redis.publish(JOB_DONE_CHANNEL, job_done_message(job_id, sent))
+    publish(rt.redis, JobDone(job_id, sent))

@@ -14,7 +14,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from functools import partial
 from typing import Any
 
-import anyio
 from sqlalchemy import Text, bindparam, cast, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -24,7 +23,7 @@ from api.batches.service import WINDOWS
 from api.context import ApiContext
 from api.parsing import Parsers
 from core.ids import new_id
-from core.queue import send_jobs
+from core.queue import dispatch_async
 from core.tables import Batch, BatchLineError, BatchStatus, Job, JobStatus, ServedModel
 
 log = logging.getLogger(__name__)
@@ -284,7 +283,7 @@ async def _dispatch(ctx: ApiContext, by_model: dict[str, list[str]]) -> None:
     """
     jobs = [(job_id, model, True) for model, ids in by_model.items() for job_id in ids]
     try:
-        await anyio.to_thread.run_sync(partial(send_jobs, ctx.celery, jobs))
+        await dispatch_async(ctx.celery, ctx.sessions, jobs)
     except Exception as exc:
         log.warning("could not enqueue batch jobs (%s); the reconciler will send them", exc)
 

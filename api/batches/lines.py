@@ -9,31 +9,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
-from api.errors import describe
 from core import capabilities, output_limits
-from core.errors import FerryError
+from core.errors import FerryError, LineError
 from core.settings import ApiSettings
 from core.validation import check_json_text, check_request, check_storable, unstorable
+from core.wire.batch_files import MAX_CUSTOM_ID, BatchRequestInput
 from core.wire.requests import ChatCompletionRequest
+from core.wire.wording import refused
 
 ENDPOINT = "/v1/chat/completions"
-# The longest custom_id the tables hold (jobs.custom_id, batch_line_errors.custom_id).
-MAX_CUSTOM_ID = 512
-
-
-class LineError(Exception):
-    def __init__(self, message: str, code: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.message, self.code, self.param, self.status = message, code, param, status
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "code": self.code,
-            "message": self.message,
-            "param": self.param,
-        }
+# The line's own fields, checked before its body, and how each is refused.
+_ENVELOPE = (
+    ("custom_id", "The line has no 'custom_id'.", "missing_required_parameter"),
+    ("method", "The line's 'method' must be 'POST'.", "invalid_method"),
+    ("url", f"The line's 'url' must be '{ENDPOINT}'.", "invalid_url"),
+)
 
 
 @dataclass(frozen=True)
@@ -70,21 +62,27 @@ def read_lines(
 
 def _read(raw: bytes, models: dict[str, Served], settings: ApiSettings) -> Line:
     try:
-        line = _head(raw, settings)
+        parsed = _parsed(raw, settings)
     except LineError as exc:
         return Line(None, exc.as_dict(), _custom_id_of(raw))
-    custom_id = line["custom_id"]
     try:
-        body = _body(line, models, settings)
+        line = BatchRequestInput.model_validate(parsed)
+    except ValidationError as exc:
+        error = _line_error(exc.errors())
+        if error.param == "custom_id":
+            return Line(None, error.as_dict(), _custom_id_of(raw))
+        return Line(parsed["custom_id"], error.as_dict())
+    try:
+        body = _served(line.body, models, settings)
     except LineError as exc:
-        return Line(custom_id, exc.as_dict())
+        return Line(line.custom_id, exc.as_dict())
     job = {
         "model": body.model,
         "request": json.dumps(body.model_dump(mode="json", exclude_unset=True)),
         "store": bool(body.store),
         "metadata": body.metadata,
     }
-    return Line(custom_id, job=job)
+    return Line(line.custom_id, job=job)
 
 
 def _not_json(constant: str) -> Any:
@@ -92,8 +90,8 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON value")
 
 
-def _head(raw: bytes, settings: ApiSettings) -> dict[str, Any]:
-    """The line as a JSON object with a custom_id that can be stored; LineError if it is not."""
+def _parsed(raw: bytes, settings: ApiSettings) -> dict[str, Any]:
+    """The line as a JSON object that can be stored; LineError if it is not."""
     limit = settings.max_batch_line_bytes
     if len(raw) > limit:
         raise LineError(
@@ -114,34 +112,25 @@ def _head(raw: bytes, settings: ApiSettings) -> dict[str, Any]:
         check_storable(line)
     except FerryError as exc:
         raise LineError(exc.message, exc.code or "invalid_value", exc.param) from None
-    custom_id = line.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        raise LineError("The line has no 'custom_id'.", "missing_required_parameter", "custom_id")
-    if len(custom_id) > MAX_CUSTOM_ID:
-        raise LineError(
-            f"Invalid 'custom_id': string too long. Expected a string with maximum length "
-            f"{MAX_CUSTOM_ID}, but got a string with length {len(custom_id)} instead.",
-            "string_above_max_length",
-            "custom_id",
-        )
     return line
 
 
-def _body(
-    line: dict[str, Any], models: dict[str, Served], settings: ApiSettings
+def _line_error(errors: list[ErrorDetails]) -> LineError:
+    """Why a line is not a `BatchRequestInput`: its own fields first, in order, then its body."""
+    for field, message, code in _ENVELOPE:
+        mine = [error for error in errors if error["loc"][:1] == (field,)]
+        if mine and mine[0]["type"] == "string_too_long":
+            message, code = refused(mine).message, "string_above_max_length"
+        if mine:
+            return LineError(message, code, field)
+    error = refused(errors, BatchRequestInput)
+    return LineError(error.message, error.code or "invalid_request", error.param or "body")
+
+
+def _served(
+    body: ChatCompletionRequest, models: dict[str, Served], settings: ApiSettings
 ) -> ChatCompletionRequest:
-    """The line's request, valid for a served model; LineError if it is not."""
-    if line.get("method") != "POST":
-        raise LineError("The line's 'method' must be 'POST'.", "invalid_method", "method")
-    if line.get("url") != ENDPOINT:
-        raise LineError(f"The line's 'url' must be '{ENDPOINT}'.", "invalid_url", "url")
-    try:
-        body = ChatCompletionRequest.model_validate(line.get("body"))
-    except ValidationError as exc:
-        message, param, code = describe(dict(exc.errors()[0]))
-        raise LineError(
-            message, code or "invalid_request", f"body.{param}" if param else "body"
-        ) from exc
+    """`body`, if a served model can run it in a batch; LineError if not."""
     if body.stream:
         raise LineError("Batch requests cannot be streamed.", "invalid_value", "body.stream")
     try:

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from api.batches.finalize import UNFINISHED, finalize
 from api.batches.service import stop_jobs
 from api.context import ApiContext
-from core.queue import BATCH_PROGRESS_CHANNEL
+from core.bus import BatchProgress
 from core.tables import Batch, BatchStatus, Job, JobStatus
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ async def tend_forever(ctx: ApiContext, every: float = 2.0) -> None:
         while True:
             try:
                 async with ctx.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(BATCH_PROGRESS_CHANNEL)
+                    await pubsub.subscribe(BatchProgress.channel)
                     async for _ in pubsub.listen():
                         wake.set()
             except asyncio.CancelledError:

@@ -4,7 +4,6 @@ cancel; and stopping a batch's open jobs, for a cancel or the end of its window.
 
 import logging
 from datetime import timedelta
-from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -12,26 +11,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api import files
 from api.batches.lines import ENDPOINT
 from api.context import ApiContext
-from api.stored import page
+from api.pagination import ListQuery, keyset
+from core.bus import BatchProgress, JobCancel, publish
 from core.errors import ConflictError, InvalidRequestError, NotFoundError, error_envelope
 from core.ids import new_id
-from core.queue import BATCH_PROGRESS_CHANNEL, JOB_CANCEL_CHANNEL
 from core.tables import ApiKey, Batch, BatchStatus, Job, JobStatus
-from core.validation import check_metadata, check_range
+from core.validation import check_metadata
+from core.wire.resources import BatchList, BatchObject
 
 log = logging.getLogger(__name__)
 
 WINDOWS = {"24h": timedelta(hours=24)}
-_TIMES = (
-    "in_progress_at",
-    "expires_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-)
 
 
 async def create(
@@ -78,72 +68,20 @@ async def create(
 
 
 async def get(session: AsyncSession, key: ApiKey, batch_id: str) -> Batch:
+    """The caller's batch; 404 otherwise."""
     batch = await session.get(Batch, batch_id)
     if batch is None or batch.project != key.project:
         raise NotFoundError(f"No batch found with id '{batch_id}'.", param="batch_id")
     return batch
 
 
-async def view(session: AsyncSession, batch: Batch) -> dict[str, Any]:
-    """OpenAI's batch object, from its row alone: its jobs are counted there as they end.
-
-    (`session` is not used any more; it stays while other work calls `view` this way.)
-    """
-    prompt, completion = batch.prompt_tokens, batch.completion_tokens
-    body: dict[str, Any] = {
-        "id": batch.id,
-        "object": "batch",
-        "endpoint": batch.endpoint,
-        "errors": batch.errors,
-        "input_file_id": batch.input_file_id,
-        "completion_window": batch.completion_window,
-        "status": batch.status.value,
-        "output_file_id": batch.output_file_id,
-        "error_file_id": batch.error_file_id,
-        "created_at": int(batch.created_at.timestamp()),
-        "request_counts": {
-            "total": batch.total,
-            "completed": batch.completed,
-            "failed": batch.failed + batch.invalid,
-        },
-        "usage": {
-            "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": completion,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": prompt + completion,
-        },
-        "metadata": batch.metadata_,
-    }
-    if batch.model is not None:
-        body["model"] = batch.model
-    for name in _TIMES:
-        value = getattr(batch, name)
-        if value is not None:
-            body[name] = int(value.timestamp())
-    # The spec has these as strings when set; absent rather than null when not.
-    for name in ("output_file_id", "error_file_id", "errors"):
-        if body[name] is None:
-            del body[name]
-    return body
-
-
-async def list_batches(
-    session: AsyncSession, key: ApiKey, after: str | None, limit: int
-) -> dict[str, Any]:
-    check_range(limit, 1, 100, "limit")
+async def list_batches(session: AsyncSession, key: ApiKey, page: ListQuery) -> BatchList:
+    """A page of the caller's batches, newest first."""
     query = select(Batch).where(Batch.project == key.project)
-    if after is not None:
-        anchor = await get(session, key, after)
-        query = query.where(
-            (Batch.created_at, Batch.id) < (anchor.created_at, anchor.id)  # type: ignore[operator]
-        )
-    rows = (
-        await session.scalars(
-            query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
-        )
-    ).all()
-    return page([await view(session, b) for b in rows[:limit]], len(rows) > limit)
+    batches = await keyset(
+        session, query, Batch.created_at, Batch.id, page, lambda after: get(session, key, after)
+    )
+    return BatchList.of([BatchObject.of(batch) for batch in batches], page.limit)
 
 
 async def cancel(ctx: ApiContext, session: AsyncSession, key: ApiKey, batch_id: str) -> Batch:
@@ -182,6 +120,6 @@ async def stop_jobs(ctx: ApiContext, batch_id: str, code: str, message: str) -> 
     if stopped:
         async with ctx.redis.pipeline(transaction=False) as pipe:
             for job_id in stopped:
-                pipe.publish(JOB_CANCEL_CHANNEL, job_id)
+                publish(pipe, JobCancel(job_id))
             await pipe.execute()
-    await ctx.redis.publish(BATCH_PROGRESS_CHANNEL, batch_id)
+    await publish(ctx.redis, BatchProgress(batch_id))

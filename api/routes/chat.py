@@ -1,12 +1,13 @@
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Body, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from api import completions, stored
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
+from api.pagination import ListQuery, list_query
 from core.errors import InvalidRequestError
 from core.wire.requests import ChatCompletionRequest
 from core.wire.resources import (
@@ -34,11 +35,8 @@ _STREAM_RESPONSE = {
         }
     }
 }
-
-
-def _answers(model: type) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route that sends `model`'s shape as a dict, with the errors."""
-    return {200: {"model": model}, **ERROR_RESPONSES}
+# OpenAI's stored completions and messages lists: 20 at a time, oldest first.
+StoredListQuery = Annotated[ListQuery, Depends(list_query())]
 
 
 @router.post(
@@ -82,7 +80,7 @@ async def create_chat_completion(
         if not replayed:
             await completions.enqueue(ctx, job)
         return JSONResponse(
-            stored.view(job),
+            StoredChatCompletion.of(job).model_dump(mode="json"),
             status_code=202,
             headers={"Location": f"/v1/chat/completions/{job.id}"},
         )
@@ -96,89 +94,84 @@ async def create_chat_completion(
     )
 
 
-@router.get("/chat/completions", response_model=None, responses=_answers(ChatCompletionList))
+@router.get("/chat/completions", response_model=ChatCompletionList, responses=ERROR_RESPONSES)
 async def list_chat_completions(
     request: Request,
     key: ApiKeyDep,
     session: SessionDep,
+    page: StoredListQuery,
     model: str | None = None,
-    after: str | None = None,
-    limit: Annotated[int, Query()] = 20,
-    order: str = "asc",
-) -> dict[str, Any]:
+) -> ChatCompletionList:
     """Lists stored chat completions; filter with `model` and `metadata[key]=value`."""
     metadata = stored.metadata_filter(request.query_params.multi_items())
-    return await stored.list_completions(
-        session, key, after=after, limit=limit, order=order, model=model, metadata=metadata
-    )
+    return await stored.list_completions(session, key, page, model=model, metadata=metadata)
 
 
-@router.get("/chat/completions/{completion_id}", responses=_answers(StoredChatCompletion))
+@router.get(
+    "/chat/completions/{completion_id}",
+    response_model=StoredChatCompletion,
+    responses=ERROR_RESPONSES,
+)
 async def retrieve_chat_completion(
-    completion_id: str, key: ApiKeyDep, session: SessionDep, ctx: ContextDep
-) -> JSONResponse:
+    completion_id: str,
+    key: ApiKeyDep,
+    session: SessionDep,
+    ctx: ContextDep,
+    background: BackgroundTasks,
+) -> StoredChatCompletion:
     """Retrieves a chat completion: its status while queued or running, in full once done."""
     job = await stored.get_visible(session, key, completion_id)
-    done = job.status.is_final
-    return JSONResponse(
-        stored.view(job),
-        background=BackgroundTask(stored.mark_delivered, ctx, job) if done else None,
-    )
+    if job.status.is_final:
+        background.add_task(stored.mark_delivered, ctx, job)
+    return StoredChatCompletion.of(job)
 
 
 @router.post(
     "/chat/completions/{completion_id}",
-    response_model=None,
-    responses=_answers(StoredChatCompletion),
+    response_model=StoredChatCompletion,
+    responses=ERROR_RESPONSES,
 )
 async def update_chat_completion(
     completion_id: str,
     key: ApiKeyDep,
     session: SessionDep,
     metadata: Annotated[dict[str, str] | None, Body(embed=True)],
-) -> dict[str, Any]:
+) -> StoredChatCompletion:
     """Updates a stored chat completion's metadata."""
     return await stored.update_metadata(session, key, completion_id, metadata)
 
 
 @router.delete(
     "/chat/completions/{completion_id}",
-    response_model=None,
-    responses=_answers(ChatCompletionDeleted),
+    response_model=ChatCompletionDeleted,
+    responses=ERROR_RESPONSES,
 )
 async def delete_chat_completion(
     completion_id: str, key: ApiKeyDep, session: SessionDep
-) -> dict[str, Any]:
+) -> ChatCompletionDeleted:
     """Deletes a stored chat completion."""
     return await stored.delete(session, key, completion_id)
 
 
 @router.get(
     "/chat/completions/{completion_id}/messages",
-    response_model=None,
-    responses=_answers(ChatCompletionMessageList),
+    response_model=ChatCompletionMessageList,
+    responses=ERROR_RESPONSES,
 )
 async def list_chat_completion_messages(
-    completion_id: str,
-    key: ApiKeyDep,
-    session: SessionDep,
-    after: str | None = None,
-    limit: int = 20,
-    order: str = "asc",
-) -> dict[str, Any]:
+    completion_id: str, key: ApiKeyDep, session: SessionDep, page: StoredListQuery
+) -> ChatCompletionMessageList:
     """Lists the messages of a stored chat completion's request."""
-    return await stored.list_messages(
-        session, key, completion_id, after=after, limit=limit, order=order
-    )
+    return await stored.list_messages(session, key, completion_id, page)
 
 
 @router.post(
     "/chat/completions/{completion_id}/cancel",
-    response_model=None,
-    responses={**_answers(StoredChatCompletion), 409: ERROR_RESPONSES[400]},
+    response_model=StoredChatCompletion,
+    responses={**ERROR_RESPONSES, 409: ERROR_RESPONSES[400]},
 )
 async def cancel_chat_completion(
     completion_id: str, key: ApiKeyDep, session: SessionDep, ctx: ContextDep
-) -> dict[str, Any]:
+) -> StoredChatCompletion:
     """Cancels a queued or running chat completion; the engine aborts it."""
     return await stored.cancel(ctx, session, key, completion_id)

@@ -21,10 +21,10 @@ class Readiness(BaseModel):
     missing: list[str]
 
 
-@router.get("/healthz", response_model=None, responses={200: {"model": Health}})
-async def healthz() -> dict:
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
     """The process is alive."""
-    return {"status": "ok"}
+    return Health(status="ok")
 
 
 @router.get(

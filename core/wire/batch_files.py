@@ -1,12 +1,27 @@
-"""The lines of a batch's output and error files, as OpenAI's Batch API writes them (and vLLM's
-`run_batch`: `BatchRequestOutput`).
+"""The lines of a batch's files, as OpenAI's Batch API reads and writes them (and vLLM's
+`run_batch`: `BatchRequestInput`, `BatchRequestOutput`).
 
-Reference: OpenAI's OpenAPI document, `docs/openai-openapi.yaml` (`BatchRequestOutput`).
+Reference: OpenAI's OpenAPI document, `docs/openai-openapi.yaml` (`BatchRequestInput`,
+`BatchRequestOutput`).
 """
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+from core.wire.requests import ChatCompletionRequest
+
+# The longest custom_id the tables hold (jobs.custom_id, batch_line_errors.custom_id).
+MAX_CUSTOM_ID = 512
+
+
+class BatchRequestInput(BaseModel):
+    """One line of a batch input file (`BatchRequestInput`); its other fields are ignored."""
+
+    custom_id: str = Field(min_length=1, max_length=MAX_CUSTOM_ID)
+    method: Literal["POST"]
+    url: Literal["/v1/chat/completions"]
+    body: ChatCompletionRequest
 
 
 class BatchResponse(BaseModel):

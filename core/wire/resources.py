@@ -1,16 +1,19 @@
 """OpenAI's resource objects Ferry serves besides the completion itself: models, stored
-completions and their messages, files and batches, and their lists.
+completions and their messages, files and batches, and their lists; each built from its row here.
 
 Reference: OpenAI's OpenAPI document, `docs/openai-openapi.yaml`. Fields are in the spec's order.
+A field the spec has optional but not nullable is left out when None (`Sparse.ABSENT`).
 """
 
-from typing import Any, Literal
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Generic, Literal, Protocol, Self, TypeVar, cast
 
 from pydantic import BaseModel
 
-from core.tables import BatchStatus
+from core.tables import Batch, BatchStatus, Job, JobStatus, StoredFile
 from core.wire.requests import Role
-from core.wire.responses import ChatCompletion, ErrorBody
+from core.wire.responses import ChatCompletion, ErrorBody, Sparse
 
 
 class Model(BaseModel):
@@ -29,8 +32,35 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
-# What the other routes answer with, for the OpenAPI document (the routes send dicts of these
-# shapes; a schema check in the suite holds them to it). Extra fields are allowed, as in the spec.
+class _Identified(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+Item = TypeVar("Item")
+_Listed = TypeVar("_Listed", bound=_Identified)
+
+
+class CursorPage(BaseModel, Generic[Item]):
+    """OpenAI's list object of a cursor-paged list: a page of items, and whether more follow."""
+
+    object: Literal["list"] = "list"
+    data: list[Item]
+    first_id: str
+    last_id: str
+    has_more: bool
+
+    @classmethod
+    def of(cls, items: Sequence[_Listed], limit: int) -> Self:
+        """The first `limit` of `items` (one more tells that more follow)."""
+        data: list[Any] = list(items[:limit])
+        return cls(
+            data=data,
+            first_id=data[0].id if data else "",
+            last_id=data[-1].id if data else "",
+            has_more=len(items) > limit,
+        )
+
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -39,18 +69,29 @@ class StoredChatCompletion(ChatCompletion):
     """A stored completion: `ChatCompletion` with its `status` (no choices until it succeeds) and
     OpenAI's error object once it has failed."""
 
+    ABSENT = ChatCompletion.ABSENT | {"error"}
+
     status: JobStatusName
     error: ErrorBody | None = None
 
+    @classmethod
+    def of(cls, job: Job) -> Self:
+        """A job as its completion once it succeeded; before, or if not, without choices."""
+        if job.status == JobStatus.succeeded and job.response is not None:
+            return cls.model_validate({**job.response, "status": job.status.value})
+        return cls(
+            id=job.id,
+            created=job.created,
+            model=job.model,
+            choices=[],
+            metadata=job.metadata_,
+            status=job.status.value,
+            error=job.error["error"] if job.error is not None else None,
+        )
 
-class ChatCompletionList(BaseModel):
+
+class ChatCompletionList(CursorPage[StoredChatCompletion]):
     """`ChatCompletionList`."""
-
-    object: Literal["list"] = "list"
-    data: list[StoredChatCompletion]
-    first_id: str
-    last_id: str
-    has_more: bool
 
 
 class ChatCompletionDeleted(BaseModel):
@@ -61,8 +102,10 @@ class ChatCompletionDeleted(BaseModel):
     deleted: bool
 
 
-class StoredMessage(BaseModel):
+class StoredMessage(Sparse):
     """One message of a stored completion's request (`ChatCompletionMessageList`'s items)."""
+
+    ABSENT = frozenset({"tool_calls", "tool_call_id", "function_call"})
 
     id: str
     role: Role
@@ -74,19 +117,36 @@ class StoredMessage(BaseModel):
     tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None
 
+    @classmethod
+    def of(cls, job_id: str, index: int, message: dict[str, Any]) -> Self:
+        """The `index`th message of a job's request; content parts also joined as its text."""
+        content = message.get("content")
+        parts = content if isinstance(content, list) else None
+        if parts is not None:
+            content = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+        return cls(
+            id=f"{job_id}-{index}",
+            role=message["role"],
+            content=content,
+            name=message.get("name"),
+            content_parts=parts,
+            tool_calls=message.get("tool_calls") or None,
+            tool_call_id=message.get("tool_call_id") or None,
+            function_call=message.get("function_call") or None,
+        )
 
-class ChatCompletionMessageList(BaseModel):
+
+class ChatCompletionMessageList(CursorPage[StoredMessage]):
     """`ChatCompletionMessageList`."""
 
-    object: Literal["list"] = "list"
-    data: list[StoredMessage]
-    first_id: str
-    last_id: str
-    has_more: bool
+
+FilePurpose = Literal["batch", "batch_output"]
 
 
-class FileObject(BaseModel):
+class FileObject(Sparse):
     """`OpenAIFile`."""
+
+    ABSENT = frozenset({"expires_at"})
 
     id: str
     bytes: int
@@ -94,18 +154,24 @@ class FileObject(BaseModel):
     expires_at: int | None = None
     filename: str
     object: Literal["file"] = "file"
-    purpose: Literal["batch", "batch_output"]
+    purpose: FilePurpose
     status: Literal["uploaded", "processed", "error"]
 
+    @classmethod
+    def of(cls, file: StoredFile) -> Self:
+        """A stored file: processed once stored, as there is nothing more to do with it."""
+        return cls(
+            id=file.id,
+            bytes=file.bytes,
+            created_at=int(file.created_at.timestamp()),
+            filename=file.filename,
+            purpose=cast(FilePurpose, file.purpose),
+            status="processed",
+        )
 
-class FileList(BaseModel):
+
+class FileList(CursorPage[FileObject]):
     """`ListFilesResponse`."""
-
-    object: Literal["list"] = "list"
-    data: list[FileObject]
-    first_id: str
-    last_id: str
-    has_more: bool
 
 
 class FileDeleted(BaseModel):
@@ -154,8 +220,30 @@ class BatchUsage(BaseModel):
     total_tokens: int
 
 
-class BatchObject(BaseModel):
+def _unix(at: datetime | None) -> int | None:
+    return None if at is None else int(at.timestamp())
+
+
+class BatchObject(Sparse):
     """`Batch`."""
+
+    # Every field but `metadata`, which is null when not set.
+    ABSENT = frozenset(
+        {
+            "model",
+            "errors",
+            "output_file_id",
+            "error_file_id",
+            "in_progress_at",
+            "expires_at",
+            "finalizing_at",
+            "completed_at",
+            "failed_at",
+            "expired_at",
+            "cancelling_at",
+            "cancelled_at",
+        }
+    )
 
     id: str
     object: Literal["batch"] = "batch"
@@ -180,12 +268,44 @@ class BatchObject(BaseModel):
     usage: BatchUsage | None = None
     metadata: dict[str, str] | None = None
 
+    @classmethod
+    def of(cls, batch: Batch) -> Self:
+        """A batch from its row alone: its jobs are counted there as they end."""
+        prompt, completion = batch.prompt_tokens, batch.completion_tokens
+        return cls(
+            id=batch.id,
+            endpoint=batch.endpoint,
+            model=batch.model,
+            errors=None if batch.errors is None else BatchErrors.model_validate(batch.errors),
+            input_file_id=batch.input_file_id,
+            completion_window=batch.completion_window,
+            status=batch.status,
+            output_file_id=batch.output_file_id,
+            error_file_id=batch.error_file_id,
+            created_at=int(batch.created_at.timestamp()),
+            in_progress_at=_unix(batch.in_progress_at),
+            expires_at=_unix(batch.expires_at),
+            finalizing_at=_unix(batch.finalizing_at),
+            completed_at=_unix(batch.completed_at),
+            failed_at=_unix(batch.failed_at),
+            expired_at=_unix(batch.expired_at),
+            cancelling_at=_unix(batch.cancelling_at),
+            cancelled_at=_unix(batch.cancelled_at),
+            request_counts=BatchRequestCounts(
+                total=batch.total,
+                completed=batch.completed,
+                failed=batch.failed + batch.invalid,
+            ),
+            usage=BatchUsage(
+                input_tokens=prompt,
+                input_tokens_details=InputTokensDetails(cached_tokens=0),
+                output_tokens=completion,
+                output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
+                total_tokens=prompt + completion,
+            ),
+            metadata=batch.metadata_,
+        )
 
-class BatchList(BaseModel):
+
+class BatchList(CursorPage[BatchObject]):
     """`ListBatchesResponse`."""
-
-    object: Literal["list"] = "list"
-    data: list[BatchObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool

@@ -5,13 +5,36 @@ Reference: OpenAI's OpenAPI document, `docs/openai-openapi.yaml` (`CreateChatCom
 `CreateChatCompletionStreamResponse`, `ErrorResponse`). Fields are in the spec's order.
 """
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class Sparse(BaseModel):
+    """A shape whose fields named in `ABSENT` are left out when None: the spec has them optional
+    but not nullable (a value when set, no key when not). Every other field is sent, null or not.
+    """
+
+    ABSENT: ClassVar[frozenset[str]] = frozenset()
+
+    # No return annotation: pydantic would take it for the serialized shape in the schema.
+    @model_serializer(mode="wrap")
+    def _absent_when_none(self, handler: SerializerFunctionWrapHandler):
+        body = handler(self)
+        for name in self.ABSENT & body.keys():
+            if body[name] is None:
+                del body[name]
+        return body
 
 
 # Engines send null where OpenAI's schema has an empty list or object.
@@ -34,8 +57,10 @@ class ToolCall(_Lenient):
     function: FunctionCall
 
 
-class ResponseMessage(_Lenient):
+class ResponseMessage(_Lenient, Sparse):
     """`ChatCompletionResponseMessage`."""
+
+    ABSENT = frozenset({"tool_calls", "function_call"})
 
     content: str | None = None
     refusal: str | None = None
@@ -96,8 +121,10 @@ class CompletionUsage(_Lenient):
     )(_empty_object_if_none)
 
 
-class ChatCompletion(_Lenient):
+class ChatCompletion(_Lenient, Sparse):
     """`CreateChatCompletionResponse`."""
+
+    ABSENT = frozenset({"metadata", "service_tier", "system_fingerprint", "usage"})
 
     id: str
     choices: list[Choice]
