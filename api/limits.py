@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import send_error
+from api.middleware import HttpMiddleware
 from core.errors import (
     FerryError,
     FileTooLargeError,
@@ -79,7 +80,7 @@ def _is_json(scope: Scope) -> bool:
     return not kind or kind == "application/json" or kind.endswith("+json")
 
 
-class BodyLimits:
+class BodyLimits(HttpMiddleware):
     """Pure ASGI middleware: body size, encoding and nesting limits.
 
     File uploads (multipart, up to `max_upload_bytes`) stream through, counted chunk by chunk;
@@ -88,13 +89,10 @@ class BodyLimits:
     """
 
     def __init__(self, app: ASGIApp, settings: ApiSettings) -> None:
-        self.app = app
+        super().__init__(app)
         self.settings = settings
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         upload = scope["method"] == "POST" and scope["path"] in UPLOAD_PATHS
         error: RequestTooLargeError
         if upload:

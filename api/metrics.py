@@ -18,10 +18,11 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from api import dashboard
 from api.context import ApiContext
+from api.middleware import HttpMiddleware
 from core.errors import AuthenticationError, MissingApiKeyError
 from core.settings import ApiSettings
 from core.tables import JobStatus
@@ -68,16 +69,10 @@ def route_of(scope: Scope) -> str:
     return getattr(route, "path", None) or UNMATCHED
 
 
-class HttpMetrics:
+class HttpMetrics(HttpMiddleware):
     """Pure ASGI middleware: counts every HTTP request and times it to its response's end."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 500
 

@@ -18,9 +18,9 @@ Every few seconds, in one API process at a time (a Postgres advisory lock decide
     before claiming it (Kombu would deliver it again only after its visibility timeout), or sent
     by an API process that died before recording it. A job merely far back in a long queue has
     nothing sent after it claimed yet, and is left alone; or
-  - a live worker of its model has been idle since after it was sent, for longer than the grace
-    period (`idle_since` in its heartbeat): a worker with room takes whatever its queues hold,
-    so the message is gone, even when no later traffic shows it;
+  - a live worker of its model has been idle for longer than the grace period (`idle_since` in
+    its heartbeat): a worker with room takes whatever its queues hold at once, so a message sent
+    more than the grace period ago is gone, even when no later traffic shows it;
 - batches still validating past the grace period are validated again, unless an API process is
   still at it (api.batches.ingest holds a lock while it reads);
 - the content of `store: false` jobs that ended FERRY_UNSTORED_PURGE_SECONDS ago is purged,
@@ -35,7 +35,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -128,7 +128,7 @@ class Reconciler:
         if settle:
             await self._lost_workers(live, done)
         await self._broker_lost(run_id)
-        await self._lost_messages(done, _idle_since(beats, ctx.settings.requeue_grace_seconds))
+        await self._lost_messages(done, _idle_models(beats, ctx.settings.requeue_grace_seconds))
         await self._stalled_batches(done)
         return done
 
@@ -206,7 +206,7 @@ class Reconciler:
         # After the commit: should it fail, the next sweep finds the mark missing still.
         await ctx.redis.set(BROKER_MARK_KEY, run_id or "")
 
-    async def _lost_messages(self, done: Sweep, idle_since: dict[str, datetime]) -> None:
+    async def _lost_messages(self, done: Sweep, idle: set[str]) -> None:
         ctx = self.ctx
         grace = ctx.settings.requeue_grace_seconds
         async with ctx.sessions() as session:
@@ -216,9 +216,9 @@ class Reconciler:
             for model, batch, mark in await session.execute(_delivered_through(recent)):
                 passed = _passed(model, batch, mark - timedelta(seconds=grace))
                 lost.update(await session.scalars(passed))
-            for model, since in idle_since.items():
+            for model in idle:
                 for batch in (False, True):
-                    lost.update(await session.scalars(_passed(model, batch, since)))
+                    lost.update(await session.scalars(_passed(model, batch, _ago(grace))))
         if not lost:
             return
         async with ctx.sessions.begin() as session:
@@ -240,16 +240,10 @@ class Reconciler:
         done.resent = [row[0] for row in resent]
 
 
-def _idle_since(beats: list[WorkerBeat], grace: float) -> dict[str, datetime]:
-    """Per model, since when one of its live workers has been idle, where that is longer ago
-    than `grace` seconds."""
+def _idle_models(beats: list[WorkerBeat], grace: float) -> set[str]:
+    """The models one of whose live workers has been idle for longer than `grace` seconds."""
     cutoff = time.time() - grace
-    idle: dict[str, datetime] = {}
-    for beat in beats:
-        if beat.idle_since is not None and beat.idle_since < cutoff:
-            since = datetime.fromtimestamp(beat.idle_since, UTC)
-            idle[beat.model] = max(since, idle.get(beat.model, since))
-    return idle
+    return {b.model for b in beats if b.idle_since is not None and b.idle_since < cutoff}
 
 
 def _ago(seconds: float) -> ColumnElement[datetime]:
@@ -294,7 +288,7 @@ def _delivered_through(seconds: float) -> Select:
     )
 
 
-def _passed(model: str, batch: bool, before: datetime) -> Select:
+def _passed(model: str, batch: bool, before: datetime | ColumnElement[datetime]) -> Select:
     """Queued jobs of a queue sent before `before`."""
     return (
         select(Job.id)

@@ -9,9 +9,10 @@ touched: it runs to its end on a worker and its result is stored, so that a retr
 
 import asyncio
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from api.errors import send_error
+from api.middleware import HttpMiddleware
 from core.errors import ServiceUnavailableError
 
 SHUTTING_DOWN = ServiceUnavailableError(
@@ -21,16 +22,10 @@ SHUTTING_DOWN = ServiceUnavailableError(
 )
 
 
-class AnswerWhenCutOff:
+class AnswerWhenCutOff(HttpMiddleware):
     """Pure ASGI middleware: a request cancelled before its answer started gets a 503."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def watched(message: Message) -> None:

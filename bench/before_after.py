@@ -11,11 +11,10 @@ ingestion (`bench.batch_ingest`).
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench.stack import ROOT
+from bench.stack import ROOT, run_module
 
 # Each bench, the arguments it runs with, and the start of each line of its that is compared.
 BENCHES = [
@@ -27,15 +26,7 @@ BENCHES = [
 
 def run(tree: Path, module: str, args: list[str]) -> str:
     """The bench's output, run from `tree` (its code first on the path)."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=tree,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = run_module(module, *args, env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
     if done.returncode:
         return f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"
     return done.stdout

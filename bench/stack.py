@@ -40,16 +40,24 @@ def wait_until_up(url: str, proc: subprocess.Popen, what: str, timeout: float) -
     raise RuntimeError(f"{what} did not start within {timeout:g} s")
 
 
-def run_for_json(module: str, *args: str, env: dict[str, str] | None = None) -> dict:
-    """Run `python -m module args` to its end (in a process of its own, so that each engine
-    starts fresh); the last line it printed that is a JSON object. RuntimeError if none."""
-    done = subprocess.run(
+def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m module args` to its end, in a process of its own, its output captured."""
+    return subprocess.run(
         [sys.executable, "-m", module, *args],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         check=False,
     )
+
+
+def run_for_json(module: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Run `python -m module args` to its end (in a process of its own, so that each engine
+    starts fresh); the last line it printed that is a JSON object. RuntimeError if none."""
+    done = run_module(module, *args, env=env)
     found = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not found:
         raise RuntimeError(

@@ -62,19 +62,15 @@ def _no_service() -> Iterator[None]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Any:
+def _guard_pure(item: pytest.Item) -> Any:
+    """A pure test's setup and call run under `_no_service`."""
     if item.get_closest_marker("pure") is None:
         return (yield)
     with _no_service():
         return (yield)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Any:
-    if item.get_closest_marker("pure") is None:
-        return (yield)
-    with _no_service():
-        return (yield)
+pytest_runtest_setup = pytest_runtest_call = _guard_pure
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,11 @@
-"""jobs, keys and served models
-
-Revision ID: 0001
-Revises:
-"""
-
-from collections.abc import Sequence
+"""jobs, keys and served models"""
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0001"
-down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision, down_revision = "0001", None
+branch_labels = depends_on = None
 
 
 def upgrade() -> None:

@@ -1,18 +1,10 @@
-"""stored completions: delivery, deletion, idempotency keys, list and metadata indexes
-
-Revision ID: 0003
-Revises: 0002
-"""
-
-from collections.abc import Sequence
+"""stored completions: delivery, deletion, idempotency keys, list and metadata indexes"""
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003"
-down_revision: str | None = "0002"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision, down_revision = "0003", "0002"
+branch_labels = depends_on = None
 
 STORED = sa.text("store AND deleted_at IS NULL AND status = 'succeeded'")
 

@@ -1,18 +1,10 @@
-"""a batch's ended jobs counted on its row: completed, failed, and their usage
-
-Revision ID: 0008
-Revises: 0007
-"""
-
-from collections.abc import Sequence
+"""a batch's ended jobs counted on its row: completed, failed, and their usage"""
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision, down_revision = "0008", "0007"
+branch_labels = depends_on = None
 
 COLUMNS = (
     ("completed", sa.Integer()),

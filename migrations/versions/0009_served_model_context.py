@@ -1,18 +1,10 @@
-"""served models' context length, for the most output a request may ask for
-
-Revision ID: 0009
-Revises: 0008
-"""
-
-from collections.abc import Sequence
+"""served models' context length, for the most output a request may ask for"""
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0009"
-down_revision: str | None = "0008"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision, down_revision = "0009", "0008"
+branch_labels = depends_on = None
 
 
 def upgrade() -> None:

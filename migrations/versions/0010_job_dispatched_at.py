@@ -1,18 +1,10 @@
-"""jobs' dispatch records, from which the reconciler decides what to send again
-
-Revision ID: 0010
-Revises: 0009
-"""
-
-from collections.abc import Sequence
+"""jobs' dispatch records, from which the reconciler decides what to send again"""
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0010"
-down_revision: str | None = "0009"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision, down_revision = "0010", "0009"
+branch_labels = depends_on = None
 
 
 def upgrade() -> None:

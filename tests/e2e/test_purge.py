@@ -23,8 +23,8 @@ from sqlalchemy import Engine, text
 from bench.stack import Stack, free_port
 from core.bus import stream_key
 from core.queue import queue_for
+from tests.api.test_api_errors import assert_envelope
 from tests.conftest import MODEL
-from tests.test_api_errors import assert_envelope
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from core.db import async_engine, sync_engine
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAKERS = {"create_engine", "create_async_engine", "engine_from_config"}
 # Engines made in files this change does not own; `strict`: once one hides them, drop its mark.
 # Postgres' own database: these tests create only temporary tables.

@@ -15,8 +15,8 @@ from core.errors import InvalidRequestError
 from core.validation import check_request
 from core.wire.requests import ChatCompletionRequest
 from core.wire.wording import refused
+from tests.api.test_api_errors import URL, assert_envelope, count_jobs
 from tests.conftest import MODEL
-from tests.test_api_errors import URL, assert_envelope, count_jobs
 
 USER = {"role": "user", "content": "hi"}
 GOOD = {"model": MODEL, "messages": [USER]}

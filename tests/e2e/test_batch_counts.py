@@ -5,7 +5,7 @@ import openai
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.test_e2e_batches import line, read_jsonl, run_to_end
+from tests.e2e.test_batches import line, read_jsonl, run_to_end
 
 pytestmark = pytest.mark.e2e
 

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import Engine, text
 
 from bench.stack import Stack
+from tests.api.test_api_errors import assert_envelope
 from tests.conftest import MODEL
 from tests.openai_schema import validate
-from tests.test_api_errors import assert_envelope
 
 pytestmark = pytest.mark.e2e
 

@@ -25,7 +25,7 @@ from bench.stack import ROOT, Stack, descendants, free_port, wait_gone
 from core.queue import BATCH_CHUNK
 from core.settings import WorkerSettings
 from tests.conftest import MODEL
-from tests.test_e2e_batches import read_jsonl, upload, wait_until
+from tests.e2e.test_batches import read_jsonl, upload, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, text
 from bench.stack import Stack
 from core.settings import ApiSettings
 from tests.conftest import MODEL
-from tests.test_e2e_batches import read_jsonl, wait_until
+from tests.e2e.test_batches import read_jsonl, wait_until
 
 pytestmark = pytest.mark.e2e
 

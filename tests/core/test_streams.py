@@ -16,7 +16,7 @@ from core.ids import new_id
 from workers.runtime import Runtime
 from workers.streams import write_stream
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('FERRY_TEST_REDIS_DB', '15')}"
 # Files that write streams and that this change does not own: each still calls XADD itself, so
 # an entry it writes first (a cancel before the job ran, a worker lost before its first chunk)

@@ -19,9 +19,9 @@ from sqlalchemy import Engine, text
 
 from bench.stack import Stack, free_port
 from core.settings import ApiSettings, WorkerSettings
+from tests.api.test_api_errors import URL, assert_envelope, count_jobs
 from tests.conftest import MODEL
-from tests.test_api_errors import URL, assert_envelope, count_jobs
-from tests.test_e2e_batches import read_jsonl, wait_until
+from tests.e2e.test_batches import read_jsonl, wait_until
 
 DEFAULTS = ApiSettings.model_fields
 CONTEXT = WorkerSettings.model_fields["max_model_len"].default
