@@ -235,7 +235,6 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_model_status", "model", "status"),
         # The reconciler: queued jobs whose message may be lost, running jobs of dead workers.
-        Index("ix_jobs_queued_at", "queued_at", postgresql_where=text("status = 'queued'")),
         Index(
             "ix_jobs_undispatched",
             "queued_at",
