@@ -6,7 +6,9 @@ usage), each in the bucket of the moment it ended, its result stored (`finished_
 are the columns the worker writes with the result (prompt, completion and cached prompt tokens,
 from the engine's own `usage`), which stay when a `store: false` job's content is purged or a
 stored completion is deleted: usage outlives the content. A request with `n` choices is one
-request, its usage that of all its choices.
+request, its usage that of all its choices. A project's sums are read from one index alone
+(ix_jobs_usage_project_finished_at, which carries every column they read); the fleet's, an admin
+key's, from ix_jobs_finished_at's range.
 
 Buckets lie on UTC's grid for their width (whole minutes, hours, days), but the first starts at
 `start_time` and the last ends at `end_time`: the buckets together hold exactly the usage of
@@ -122,6 +124,20 @@ def width_of(bucket_width: str) -> int:
     return WIDTHS[bucket_width]
 
 
+def batch_of(value: str | None) -> bool | None:
+    """`batch` as JSON writes a boolean; OpenAI's 400 for anything else (`1`, `yes`), which
+    FastAPI would take for one."""
+    if value is None:
+        return None
+    if value not in ("true", "false"):
+        raise InvalidRequestError(
+            "Invalid type for 'batch': expected a boolean, 'true' or 'false'.",
+            param="batch",
+            code="invalid_type",
+        )
+    return value == "true"
+
+
 def encode_page(start: int) -> str:
     """The cursor of a page that starts at `start` (Unix seconds)."""
     return PAGE_PREFIX + base64.urlsafe_b64encode(start.to_bytes(8, "big")).decode()
@@ -188,7 +204,7 @@ def usage_query(
         user_ids=listed("user_ids", arrays["user_ids"]),
         api_key_ids=listed("api_key_ids", arrays["api_key_ids"]),
         models=listed("models", arrays["models"]),
-        batch=batch,
+        batch=batch_of(request.query_params.get("batch")),
         group_by=groups_of(arrays["group_by"]),
         page=None if page is None else decode_page(page, start_time),
     )

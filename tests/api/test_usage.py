@@ -183,6 +183,8 @@ def test_a_page_cursor_is_read(parsed: TestClient) -> None:
         ("start_time=0&bucket_width=1m&limit=1441", "limit", "integer_above_max_value"),
         ("start_time=0&limit=many", "limit", "invalid_type"),
         ("start_time=0&batch=maybe", "batch", "invalid_type"),
+        ("start_time=0&batch=1", "batch", "invalid_type"),
+        ("start_time=0&batch=True", "batch", "invalid_type"),
         ("start_time=0&page=page_x", "page", "invalid_value"),
         ("start_time=0&models=a%00b", "models[0]", "invalid_value"),
         ("start_time=0&project_ids[]=%ED%A0%80", None, None),
