@@ -63,6 +63,8 @@ MAX_TIME = 253_402_300_799
 # The tier every Ferry completion is served at.
 SERVICE_TIER = "default"
 PAGE_PREFIX = "page_"
+# Values one array parameter may hold.
+MAX_VALUES = 1000
 _LISTS = ("project_ids", "user_ids", "api_key_ids", "models", "group_by")
 
 _TIME = {"minimum": 0, "maximum": MAX_TIME}
@@ -92,9 +94,16 @@ def _invalid(message: str, param: str) -> InvalidRequestError:
 
 
 def listed(name: str, values: Sequence[str]) -> tuple[str, ...] | None:
-    """An array parameter's values, each once, in order; None if none was given."""
+    """An array parameter's values, each once, in order; None if none was given. More than
+    MAX_VALUES are refused: each is a parameter of the statement, and Postgres takes 32,767."""
     if not values:
         return None
+    if len(values) > MAX_VALUES:
+        raise InvalidRequestError(
+            f"Invalid '{name}': {len(values)} values, above the maximum of {MAX_VALUES}.",
+            param=name,
+            code="array_above_max_length",
+        )
     check_storable(list(values), name)
     return tuple(dict.fromkeys(values))
 

@@ -187,6 +187,11 @@ def test_a_page_cursor_is_read(parsed: TestClient) -> None:
         ("start_time=0&batch=True", "batch", "invalid_type"),
         ("start_time=0&page=page_x", "page", "invalid_value"),
         ("start_time=0&models=a%00b", "models[0]", "invalid_value"),
+        (
+            "start_time=0&" + "&".join(["api_key_ids=k"] * 1001),
+            "api_key_ids",
+            "array_above_max_length",
+        ),
         ("start_time=0&project_ids[]=%ED%A0%80", None, None),
     ],
 )
