@@ -6,7 +6,6 @@ writes arrays as `group_by[]=...`) and raw HTTP (`group_by=...`, OpenAI's docume
 
 Every test's usage lives in a project of its own, so the suite's other jobs never count in it."""
 
-import hashlib
 import io
 import json
 import time
@@ -23,6 +22,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from bench.stack import Stack
+from core.keys import hash_key
 from tests.api.test_api_errors import assert_envelope
 from tests.conftest import MODEL
 from tests.openai_schema import validate
@@ -74,10 +74,9 @@ def sums(used: list[Used]) -> dict[str, int]:
 
 
 def key_id(db: Engine, key: str) -> str:
-    digest = hashlib.sha256(key.encode()).hexdigest()
     with db.connect() as conn:
         return conn.execute(
-            text("SELECT id FROM api_keys WHERE key_hash = :h"), {"h": digest}
+            text("SELECT id FROM api_keys WHERE key_hash = :h"), {"h": hash_key(key)}
         ).scalar_one()
 
 
