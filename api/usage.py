@@ -112,9 +112,8 @@ def groups_of(values: Sequence[str]) -> tuple[UsageGroup, ...]:
     """`group_by`'s fields, each once; OpenAI's 400 for one it does not have."""
     for value in values:
         if value not in USAGE_GROUPS:
-            shown = value.encode("utf-8", "backslashreplace").decode("utf-8")
             raise _invalid(
-                f"Invalid value for 'group_by': '{shown}'. Supported values are: "
+                f"Invalid value for 'group_by': '{value}'. Supported values are: "
                 + ", ".join(f"'{g}'" for g in USAGE_GROUPS)
                 + ".",
                 "group_by",
