@@ -127,7 +127,9 @@ def workload(live_worker: Stack, db: Engine) -> Workload:
         record("a", done.usage)
         load.unstored.append(done.id)
     for n in (2, 3):
-        done = b.chat.completions.create(model=MODEL, messages=hi, max_tokens=4, n=n, store=True)
+        done = b.chat.completions.create(
+            model=MODEL, messages=hi, max_tokens=4, n=n, temperature=1.0, seed=n, store=True
+        )
         assert len(done.choices) == n
         record("b", done.usage)
     for _ in range(2):
@@ -159,6 +161,7 @@ def workload(live_worker: Stack, db: Engine) -> Workload:
                 "messages": [{"role": "user", "content": f"Name {i + 1} colours."}],
                 "max_tokens": 5,
                 "n": 1 + i % 2,
+                "temperature": 1.0,
             },
         }
         for i in range(4)
