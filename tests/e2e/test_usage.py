@@ -8,6 +8,7 @@ Every test's usage lives in a project of its own, so the suite's other jobs neve
 
 import io
 import json
+import os
 import time
 import uuid
 from collections import Counter
@@ -22,6 +23,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from bench.stack import Stack
+from core.db import sync_engine
 from core.keys import hash_key
 from tests.api.test_api_errors import assert_envelope
 from tests.conftest import MODEL
@@ -373,3 +375,64 @@ def test_raw_http_in_openais_form_matches_the_document(
 
 def error_code(param: str) -> str:
     return "integer_above_max_value" if param == "limit" else "invalid_value"
+
+
+def test_the_migration_keeps_the_usage_of_jobs_that_exist() -> None:
+    """Jobs that ended before revision 0012 get their cached tokens (and any usage column left
+    empty) from their stored response; a purged one keeps what its columns hold."""
+    mine = Stack(database=os.environ.get("FERRY_TEST_DATABASE", "ferry_test") + "_usage_mig")
+    mine.drop_database()
+    try:
+        mine.ferry("db", "upgrade", "0010")
+        engine = sync_engine(mine.database_url, pool_size=1)
+        usage = {
+            "prompt_tokens": 30,
+            "completion_tokens": 5,
+            "total_tokens": 35,
+            "prompt_tokens_details": {"cached_tokens": 16},
+        }
+        jobs = [
+            # (id, status, response, prompt_tokens in its column)
+            ("stored", "succeeded", {"id": "x", "usage": usage}, 30),
+            ("uncounted", "succeeded", {"id": "y", "usage": usage}, None),
+            ("purged", "succeeded", None, 12),
+            ("no-details", "succeeded", {"usage": {**usage, "prompt_tokens_details": None}}, 30),
+            ("failed", "failed", None, None),
+        ]
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO api_keys (id, name, project, key_hash, key_prefix)"
+                    " VALUES ('k', 'k', 'p', 'h', 'sk-')"
+                )
+            )
+            for job_id, status, response, prompt in jobs:
+                conn.execute(
+                    text(
+                        "INSERT INTO jobs (id, project, api_key_id, model, status, store, attempts,"
+                        " created, response, prompt_tokens, finished_at)"
+                        " VALUES (:id, 'p', 'k', 'm', :status, false, 1, 0,"
+                        " CAST(:response AS jsonb), :prompt, now())"
+                    ),
+                    {
+                        "id": job_id,
+                        "status": status,
+                        "response": None if response is None else json.dumps(response),
+                        "prompt": prompt,
+                    },
+                )
+        mine.ferry("db", "upgrade")
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT id, prompt_tokens, cached_tokens FROM jobs ORDER BY id")
+            ).all()
+        engine.dispose()
+        assert {row[0]: (row[1], row[2]) for row in rows} == {
+            "stored": (30, 16),
+            "uncounted": (30, 16),
+            "purged": (12, None),
+            "no-details": (30, None),
+            "failed": (None, None),
+        }
+    finally:
+        mine.drop_database()
