@@ -8,7 +8,7 @@ from the engine's own `usage`), which stay when a `store: false` job's content i
 stored completion is deleted: usage outlives the content. A request with `n` choices is one
 request, its usage that of all its choices. A project's sums are read from one index alone
 (ix_jobs_usage_project_finished_at, which carries every column they read); the fleet's, an admin
-key's, from ix_jobs_finished_at's range.
+key's, from the same index or ix_jobs_finished_at, whichever the planner finds cheaper.
 
 Buckets lie on UTC's grid for their width (whole minutes, hours, days), but the first starts at
 `start_time` and the last ends at `end_time`: the buckets together hold exactly the usage of
