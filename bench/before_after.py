@@ -1,11 +1,11 @@
 """The benches a change must not regress, run on an earlier commit and on this tree, in one run.
 
 Run: `.venv/bin/python -m bench.before_after --base REV [--rounds 1] [--only bench.latency]`.
-Each round runs every bench on REV (checked out in a temporary worktree) and then on this tree,
-one after the other, so that both see the same machine; the lines each bench ends with are
-printed side by side. The benches: the throughput ratio against vLLM offline
-(`bench.throughput`), the p50 Ferry adds to a synchronous request (`bench.latency`), and batch
-ingestion (`bench.batch_ingest`).
+Each round runs every bench on REV (checked out in a temporary worktree) and on this tree, one
+after the other (each round in the other order), so that both see the same machine; the lines
+each bench ends with are printed side by side. The benches: the throughput ratio against vLLM
+offline (`bench.throughput`), the p50 Ferry adds to a synchronous request (`bench.latency`), and
+batch ingestion (`bench.batch_ingest`).
 """
 
 import argparse
@@ -51,10 +51,9 @@ def main() -> None:
         try:
             for round_ in range(1, args.rounds + 1):
                 for module, bench_args, keys in benches:
-                    outputs = {
-                        name: run(tree, module, bench_args)
-                        for name, tree in (("before", base), ("after", ROOT))
-                    }
+                    # Turn about, so that a drift in the machine favours neither.
+                    trees = [("before", base), ("after", ROOT)][:: 1 if round_ % 2 else -1]
+                    outputs = {name: run(tree, module, bench_args) for name, tree in trees}
                     print(f"== round {round_}: {module} {' '.join(bench_args)}", flush=True)
                     for name, output in outputs.items():
                         lines = [line.strip() for line in output.splitlines()]
