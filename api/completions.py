@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api import stored
 from api.cache import TtlCache
 from api.context import ApiContext, in_background
+from api.rate_limits import RateLimiter
 from core import capabilities, output_limits
 from core.bus import StreamChunk, StreamDone, StreamError, read_entry, stream_key
 from core.errors import (
@@ -50,12 +51,16 @@ async def submit(
     idempotency_key: str | None = None,
     lookups: TtlCache | None = None,
     settings: ApiSettings | None = None,
-) -> tuple[Job, bool]:
-    """Check `body` and persist a new job for it, committed before anything is enqueued.
+    limiter: RateLimiter | None = None,
+) -> tuple[Job, bool, dict[str, str]]:
+    """Check `body`, count it against its project's limits (429 past one) and persist a new
+    job for it, committed before anything is enqueued; the job, False, and the `x-ratelimit-*`
+    headers its answer carries.
 
     With an idempotency key already used by this API key: the first job, and True (409 if the
-    body differs). Either way the session is left without a connection: the caller may wait
-    for the job's result as long as it likes without holding one of the pool's.
+    body differs); a replay is not counted. Either way the session is left without a connection:
+    the caller may wait for the job's result as long as it likes without holding one of the
+    pool's.
     """
     settings = settings or api_settings()
     check_request(body, settings)
@@ -76,9 +81,35 @@ async def submit(
         first = await _first_attempt(session, key, idempotency_key, digest)
         if first is not None:
             await session.commit()
-            return first, True
+            return first, True, {}
+    job_id = new_id("chatcmpl")
+    headers = (
+        await limiter.admit(key, body, model.max_model_len, job_id) if limiter is not None else {}
+    )
+    try:
+        job, replayed = await _insert(session, key, body, job_id, request, idempotency_key, digest)
+    except BaseException:
+        if limiter is not None:
+            # Never stored: its place and its tokens are given back (its request stays counted).
+            await limiter.release(job_id, used=0)
+        raise
+    if replayed and limiter is not None:
+        await limiter.release(job_id, used=0)
+        headers = {}
+    return job, replayed, headers
+
+
+async def _insert(
+    session: AsyncSession,
+    key: ApiKey,
+    body: ChatCompletionRequest,
+    job_id: str,
+    request: dict[str, Any],
+    idempotency_key: str | None,
+    digest: str,
+) -> tuple[Job, bool]:
     job = Job(
-        id=new_id("chatcmpl"),
+        id=job_id,
         project=key.project,
         api_key_id=key.id,
         model=body.model,

@@ -24,11 +24,16 @@ class Watch(asyncio.Event):
 
 class JobWaiter:
     def __init__(
-        self, redis: aioredis.Redis, lookups_changed: Callable[[], None] = lambda: None
+        self,
+        redis: aioredis.Redis,
+        lookups_changed: Callable[[], None] = lambda: None,
+        job_done: Callable[[JobDone], None] = lambda done: None,
     ) -> None:
-        """`lookups_changed` is called when keys or models change (and after a reconnection)."""
+        """`lookups_changed` is called when keys, models or limits change (and after a
+        reconnection); `job_done` when any job ends, whoever waits for it."""
         self._redis = redis
         self._lookups_changed = lookups_changed
+        self._job_done = job_done
         self._events: dict[str, set[Watch]] = {}
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -87,7 +92,9 @@ class JobWaiter:
                         ):
                             self._lookups_changed()
                             continue
-                        self._wake(JobDone.decode(message["data"]))
+                        done = JobDone.decode(message["data"])
+                        self._job_done(done)
+                        self._wake(done)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
