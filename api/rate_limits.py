@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from api.cache import TtlCache
 from core import project_limits
 from core.bus import JobDone
-from core.errors import RateLimitError
+from core.errors import RateLimitError, ServiceUnavailableError
 from core.project_limits import Bucket, Limits
 from core.tables import ApiKey, Job, JobStatus, ProjectLimit
 from core.wire.requests import ChatCompletionRequest
@@ -129,7 +130,6 @@ class Counted:
     project: str
     model: str
     tpm: int | None
-    admitted: float
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ class RateLimiter:
         requests, tokens = _buckets(limits, found)
         headers = project_limits.headers(requests, tokens)
         if not refused:
-            self.counted[job_id] = Counted(key.project, body.model, limits.tpm, time.monotonic())
+            self.counted[job_id] = Counted(key.project, body.model, limits.tpm)
             if len(self.counted) > MOST_TRACKED:
                 self.counted.pop(next(iter(self.counted)))
             return headers
@@ -208,7 +208,13 @@ class RateLimiter:
     ) -> list[Any]:
         keys = [_key(project, model, w) for w in ("requests", "tokens", "jobs")]
         args = [WINDOW_MS, _arg(limits.rpm), _arg(limits.tpm), _arg(limits.max_concurrent)]
-        found = await self._admit(keys=[*keys, IN_FLIGHT_KEYS], args=[*args, estimate, job_id])
+        try:
+            found = await self._admit(keys=[*keys, IN_FLIGHT_KEYS], args=[*args, estimate, job_id])
+        except RedisError as exc:
+            # Closed rather than open: a project's limits hold even while Redis is away.
+            raise ServiceUnavailableError(
+                "The project's rate limits cannot be checked right now; try again shortly."
+            ) from exc
         return [_text(v) if isinstance(v, bytes | str) else v for v in found]
 
     def job_done(self, done: JobDone) -> None:
