@@ -342,9 +342,12 @@ def _refusal(
         assert limits.tpm is not None and tokens is not None
         kind = "tokens"
         if wait_ms < 0:
-            # More than a minute's worth: no wait lets it pass.
+            # More than a minute's worth: no wait lets it pass, and the openai SDK is told not
+            # to retry it.
             message = project_limits.tokens_too_large(model, project, limits.tpm, estimate)
-            return RateLimitError(message, type=kind, headers=headers)
+            return RateLimitError(
+                message, type=kind, headers={**headers, "x-should-retry": "false"}
+            )
         used = limits.tpm - tokens.remaining
         message = project_limits.tokens_refused(model, project, limits.tpm, used, estimate, wait)
     return RateLimitError(

@@ -176,6 +176,7 @@ def test_tokens_per_minute_count_the_estimate_then_the_usage(live_worker: Stack)
         client.chat.completions.create(model=MODEL, messages=HI, max_tokens=1500)
     assert caught.value.response.json()["error"]["message"].startswith("Request too large")
     assert "retry-after" not in caught.value.response.headers
+    assert caught.value.response.headers["x-should-retry"] == "false"
 
 
 def test_jobs_at_once_are_released_however_they_end(live_worker: Stack) -> None:
