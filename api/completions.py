@@ -83,20 +83,36 @@ async def submit(
             await session.commit()
             return first, True, {}
     job_id = new_id("chatcmpl")
-    headers = (
-        await limiter.admit(key, body, model.max_model_len, job_id) if limiter is not None else {}
+    # Counted in Redis while the job is inserted (one round trip overlapping the other), and
+    # committed only if the limits let it through.
+    admitting = (
+        await limiter.admitting(key, body, model.max_model_len, job_id)
+        if limiter is not None
+        else None
     )
     try:
-        job, replayed = await _insert(session, key, body, job_id, request, idempotency_key, digest)
+        job, replayed = await _insert(
+            session, key, body, job_id, request, idempotency_key, digest, admitting
+        )
     except BaseException:
-        if limiter is not None:
-            # Never stored: its place and its tokens are given back (its request stays counted).
-            await limiter.release(job_id, used=0)
+        await _not_stored(limiter, admitting, job_id)
         raise
-    if replayed and limiter is not None:
-        await limiter.release(job_id, used=0)
-        headers = {}
+    if replayed:
+        await _not_stored(limiter, admitting, job_id)
+    headers = admitting.result() if admitting is not None and not replayed else {}
     return job, replayed, headers
+
+
+async def _not_stored(
+    limiter: RateLimiter | None, admitting: "asyncio.Future[dict[str, str]] | None", job_id: str
+) -> None:
+    """A job counted but not stored gives its place and its tokens back (its request stays
+    counted)."""
+    if limiter is None or admitting is None:
+        return
+    with contextlib.suppress(BaseException):
+        await admitting
+    await limiter.release(job_id, used=0)
 
 
 async def _insert(
@@ -107,6 +123,7 @@ async def _insert(
     request: dict[str, Any],
     idempotency_key: str | None,
     digest: str,
+    admitting: "asyncio.Future[dict[str, str]] | None",
 ) -> tuple[Job, bool]:
     job = Job(
         id=job_id,
@@ -126,6 +143,10 @@ async def _insert(
     )
     session.add(job)
     try:
+        await session.flush()
+        if admitting is not None:
+            # Past a limit (RateLimitError), the insert is rolled back with the session.
+            await admitting
         await session.commit()
     except IntegrityError:
         # A concurrent retry with the same key won the insert.

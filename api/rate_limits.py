@@ -24,7 +24,7 @@ from core import project_limits
 from core.bus import JobDone
 from core.errors import RateLimitError, ServiceUnavailableError
 from core.project_limits import Bucket, Limits
-from core.tables import ApiKey, Job, JobStatus, ProjectLimit
+from core.tables import ApiKey, Job, ProjectLimit
 from core.wire.requests import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
@@ -173,16 +173,31 @@ class RateLimiter:
     async def limits(self, project: str, model: str) -> Limits | None:
         return project_limits.for_model(await self.rows(project), model)
 
+    async def admitting(
+        self,
+        key: ApiKey,
+        body: ChatCompletionRequest,
+        context_length: int | None,
+        job_id: str,
+    ) -> "asyncio.Future[dict[str, str]] | None":
+        """`admit` started, for the caller to await once it has sent its own round trip; None
+        if the project has no limit on interactive requests to the model (nothing to count)."""
+        limits = await self.limits(key.project, body.model)
+        if limits is None or not limits.interactive:
+            return None
+        return asyncio.ensure_future(self.admit(key, body, context_length, job_id, limits))
+
     async def admit(
         self,
         key: ApiKey,
         body: ChatCompletionRequest,
         context_length: int | None,
         job_id: str,
+        limits: Limits | None = None,
     ) -> dict[str, str]:
         """Count `job_id` against its project's limits on its model; the `x-ratelimit-*` headers
         for its answer. RateLimitError (429) if a limit is reached: nothing is counted then."""
-        limits = await self.limits(key.project, body.model)
+        limits = limits or await self.limits(key.project, body.model)
         if limits is None or not limits.interactive:
             return {}
         estimate = project_limits.estimate_tokens(body, context_length)
@@ -226,16 +241,6 @@ class RateLimiter:
         if done.outcome is not None and done.outcome.response is not None:
             used = (done.outcome.response.get("usage") or {}).get("total_tokens")
         self._start_release(done.job_id, used, read=done.outcome is None)
-
-    async def ended(self, job: Job) -> None:
-        """The request waiting for `job` saw it end: its release is done before it is answered,
-        so that the client's next request finds the place free."""
-        if job.id not in self.counted and job.id not in self._releasing:
-            return
-        used = None
-        if job.status == JobStatus.succeeded and job.response is not None:
-            used = (job.response.get("usage") or {}).get("total_tokens")
-        await asyncio.shield(self._start_release(job.id, used, read=False))
 
     def _start_release(self, job_id: str, used: int | None, read: bool) -> asyncio.Future[None]:
         task = self._releasing.get(job_id)

@@ -91,8 +91,6 @@ async def create_chat_completion(
             events, media_type="text/event-stream", headers={**_SSE_HEADERS, **limit_headers}
         )
     job = await (completions.wait(ctx, job) if replayed else completions.run_and_wait(ctx, job))
-    if ctx.limiter is not None:
-        await ctx.limiter.ended(job)
     # Stored already in OpenAI's exact shape: sent as it is, not re-serialized with nulls.
     return JSONResponse(
         completions.result_of(job),
