@@ -21,7 +21,7 @@ from api.openapi import install_openapi
 from api.rate_limits import RateLimiter
 from api.reconciler import Reconciler
 from api.routes import batches as batch_routes
-from api.routes import chat, docs, files, health, models, projects
+from api.routes import chat, docs, files, health, models, projects, usage
 from api.routes import dashboard as dashboard_routes
 from api.routes import metrics as metrics_routes
 from api.shutdown import AnswerWhenCutOff
@@ -100,6 +100,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(batch_routes.router)
     app.include_router(projects.router)
+    app.include_router(usage.router)
     app.include_router(metrics_routes.router)
     app.include_router(dashboard_routes.router)
     if settings.docs:

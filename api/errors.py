@@ -58,8 +58,12 @@ def _body_type(request: Request) -> Any:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    # FastAPI's locations start with where the value was: the body's path is OpenAI's param.
-    errors = [{**e, "loc": e["loc"][1:]} if e["loc"][:1] == ("body",) else e for e in exc.errors()]
+    # FastAPI's locations start with where the value was: the body's path, or a query
+    # parameter's name, is OpenAI's param.
+    errors = [
+        {**e, "loc": e["loc"][1:]} if e["loc"][:1] in (("body",), ("query",)) else e
+        for e in exc.errors()
+    ]
     error = refused(errors, _body_type(request))
     return _response(error.status_code, error.envelope())
 

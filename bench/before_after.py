@@ -1,6 +1,6 @@
 """The benches a change must not regress, run on an earlier commit and on this tree, in one run.
 
-Run: `.venv/bin/python -m bench.before_after --base REV [--rounds 1]`.
+Run: `.venv/bin/python -m bench.before_after --base REV [--rounds 1] [--only bench.latency]`.
 Each round runs every bench on REV (checked out in a temporary worktree) and then on this tree,
 one after the other, so that both see the same machine; the lines each bench ends with are
 printed side by side. The benches: the throughput ratio against vLLM offline
@@ -36,7 +36,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base", required=True, help="the commit to compare with")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--only", action="append", help="a bench module to run (repeatable)")
     args = parser.parse_args()
+    benches = [b for b in BENCHES if not args.only or b[0] in args.only]
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         subprocess.run(
@@ -48,7 +50,7 @@ def main() -> None:
         (base / ".venv").symlink_to(ROOT / ".venv")
         try:
             for round_ in range(1, args.rounds + 1):
-                for module, bench_args, keys in BENCHES:
+                for module, bench_args, keys in benches:
                     outputs = {
                         name: run(tree, module, bench_args)
                         for name, tree in (("before", base), ("after", ROOT))

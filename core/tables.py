@@ -256,6 +256,9 @@ class Job(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     total_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Of the prompt tokens, those the engine's prefix cache held. The usage columns are written
+    # with the result and outlive the content: usage is summed from them (api/usage.py).
+    cached_tokens: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
     # For a batch's jobs: the batch, the line's custom_id and its line number in the input.
@@ -283,7 +286,6 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_model_status", "model", "status"),
         # The reconciler: queued jobs whose message may be lost, running jobs of dead workers.
-        Index("ix_jobs_queued_at", "queued_at", postgresql_where=text("status = 'queued'")),
         Index(
             "ix_jobs_undispatched",
             "queued_at",
@@ -303,6 +305,22 @@ class Job(Base):
             "finished_at",
             postgresql_include=["completion_tokens"],
             postgresql_where=text("finished_at IS NOT NULL"),
+        ),
+        # The Usage API: a project's succeeded jobs by when they ended, with what it sums and
+        # groups by, read from the index alone.
+        Index(
+            "ix_jobs_usage_project_finished_at",
+            "project",
+            "finished_at",
+            postgresql_include=[
+                "model",
+                "api_key_id",
+                "batch_id",
+                "prompt_tokens",
+                "completion_tokens",
+                "cached_tokens",
+            ],
+            postgresql_where=text("status = 'succeeded'"),
         ),
         Index(
             "ix_jobs_batch_line",

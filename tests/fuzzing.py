@@ -200,7 +200,7 @@ Holds = Callable[[str, str, httpx.Response], None]
 
 def walk_real_objects(http: httpx.Client, holds: Holds) -> None:
     """Make real objects (a file, a batch made of it, a streamed completion, a stored one, an
-    asynchronous one) and hand every answer about them to `holds`."""
+    asynchronous one, the usage they add up to) and hand every answer about them to `holds`."""
 
     def answer(method: str, template: str, response: httpx.Response) -> dict:
         response.request.read()  # multipart requests are streamed; the check reads them
@@ -243,4 +243,10 @@ def walk_real_objects(http: httpx.Client, holds: Holds) -> None:
     queued = http.post(URL, json=body, headers={"Prefer": "respond-async"})
     assert queued.status_code == 202
     answer("GET", item, http.get(f"{URL}/{answer('POST', URL, queued)['id']}"))
+
+    # Usage with those completions in it, grouped (arrays as OpenAI's document writes them).
+    usage = "/v1/organization/usage/completions"
+    since = {"start_time": int(time.time()) - 3600, "bucket_width": "1h"}
+    grouped = http.get(usage, params={**since, "group_by": ["model", "batch", "service_tier"]})
+    assert any(bucket["results"] for bucket in answer("GET", usage, grouped)["data"])
     answer("DELETE", "/v1/files/{file_id}", http.delete(f"/v1/files/{file_id}"))

@@ -108,6 +108,9 @@ def finish_many(session: Session, outcomes: list[Outcome]) -> int:
                     "prompt_tokens": usage.get("prompt_tokens"),
                     "completion_tokens": usage.get("completion_tokens"),
                     "total_tokens": usage.get("total_tokens"),
+                    "cached_tokens": (usage.get("prompt_tokens_details") or {}).get(
+                        "cached_tokens"
+                    ),
                 }
             )
         elif o.error is not None:
@@ -126,6 +129,7 @@ def finish_many(session: Session, outcomes: list[Outcome]) -> int:
                 "prompt_tokens": bindparam("prompt_tokens"),
                 "completion_tokens": bindparam("completion_tokens"),
                 "total_tokens": bindparam("total_tokens"),
+                "cached_tokens": bindparam("cached_tokens"),
             },
         ),
         (

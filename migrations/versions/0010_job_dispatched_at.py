@@ -23,9 +23,14 @@ def upgrade() -> None:
         ["model", "dispatched_at"],
         postgresql_where=sa.text("status = 'queued'"),
     )
+    # Only jobs never sent are looked up by when they were queued now.
+    op.drop_index("ix_jobs_queued_at", table_name="jobs")
 
 
 def downgrade() -> None:
+    op.create_index(
+        "ix_jobs_queued_at", "jobs", ["queued_at"], postgresql_where=sa.text("status = 'queued'")
+    )
     op.drop_index("ix_jobs_queued_dispatched", table_name="jobs")
     op.drop_index("ix_jobs_undispatched", table_name="jobs")
     op.drop_column("jobs", "dispatched_at")

@@ -2,7 +2,6 @@
 and an API process validates at most FERRY_BATCH_VALIDATION_CONCURRENCY batches at once."""
 
 import io
-import json
 import statistics
 import threading
 import time
@@ -15,7 +14,7 @@ from sqlalchemy import Engine, text
 from bench.stack import Stack
 from core.settings import ApiSettings
 from tests.conftest import MODEL
-from tests.e2e.test_batches import read_jsonl, wait_until
+from tests.e2e.test_batches import line, read_jsonl, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -27,18 +26,7 @@ def lines_of(count: int, model: str, tag: str, filler: str = FILLER) -> list[byt
     """`count` lines that parse and pass every check but the model's: they cost the validation
     all its work and the engine nothing."""
     return [
-        json.dumps(
-            {
-                "custom_id": f"{tag}-{i}",
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": {
-                    "model": model,
-                    "max_tokens": 1,
-                    "messages": [{"role": "user", "content": f"{i}. {filler}"}],
-                },
-            }
-        ).encode()
+        line(f"{tag}-{i}", f"{i}. {filler}", model=model, max_tokens=1).encode()
         for i in range(count)
     ]
 

@@ -25,7 +25,7 @@ from bench.stack import ROOT, Stack, descendants, free_port, wait_gone
 from core.queue import BATCH_CHUNK
 from core.settings import WorkerSettings
 from tests.conftest import MODEL
-from tests.e2e.test_batches import read_jsonl, upload, wait_until
+from tests.e2e.test_batches import line, read_jsonl, upload, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -40,19 +40,7 @@ NO_END = {"0": -100, "2": -100}
 
 def lines(count: int, tag: str, max_tokens: int = 16) -> list[str]:
     return [
-        json.dumps(
-            {
-                "custom_id": f"{tag}-{i}",
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": {
-                    "model": MODEL,
-                    "messages": [{"role": "user", "content": f"Say a word about {i}."}],
-                    "max_tokens": max_tokens,
-                },
-            }
-        )
-        for i in range(count)
+        line(f"{tag}-{i}", f"Say a word about {i}.", max_tokens=max_tokens) for i in range(count)
     ]
 
 

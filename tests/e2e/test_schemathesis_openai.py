@@ -128,6 +128,24 @@ def served_operations(spec: dict[str, Any], ferry: dict[str, Any]) -> dict[str, 
     return {**spec, "paths": paths}
 
 
+def tagged_usage_results(spec: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's document with its usage results' tags mapped to their schemas.
+
+    A bucket's results are a union tagged by `object` that names no mapping, so OpenAPI reads each
+    tag as a schema's name (`UsageCompletionsResult`); OpenAI answers with the `object` value each
+    member declares (`organization.usage.completions.result`, its own example's), mapped here.
+    """
+    schemas = spec["components"]["schemas"]
+    results = schemas["UsageTimeBucket"]["properties"]["results"]["items"]
+    tag = results["discriminator"]["propertyName"]
+    mapping = {}
+    for member in results["oneOf"]:
+        declared = schemas[member["$ref"].rsplit("/", 1)[-1]]["properties"][tag]["enum"]
+        mapping[declared[0]] = member["$ref"]
+    results["discriminator"]["mapping"] = mapping
+    return spec
+
+
 def known_fields_only(body: Any) -> Any:
     """Four bodies in five without the fields neither OpenAI nor Ferry know, in the request and
     in its messages."""
@@ -152,7 +170,9 @@ def openai_schema(live_worker: Stack, api_key: str) -> BaseSchema:
     key."""
     wait_until_ready(live_worker.base_url)
     ferry = httpx.get(f"{live_worker.base_url}/openapi.json").json()
-    schema = schemathesis.openapi.from_dict(served_operations(load_spec(), ferry))
+    schema = schemathesis.openapi.from_dict(
+        served_operations(tagged_usage_results(load_spec()), ferry)
+    )
     schema.config.update(
         base_url=f"{live_worker.base_url}/v1",
         headers={"Authorization": f"Bearer {api_key}"},
