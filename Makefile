@@ -78,3 +78,4 @@ bench: setup ## benches: the CPU engine's modes, throughput against vLLM alone, 
 	$(PY) -m bench.stored_list
 	$(PY) -m bench.batch_ingest
 	$(PY) -m bench.reconcile_sweep
+	$(PY) -m bench.rate_limits

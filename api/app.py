@@ -18,9 +18,10 @@ from api.headers import SecurityHeaders
 from api.limits import install_limits
 from api.metrics import HttpMetrics
 from api.openapi import install_openapi
+from api.rate_limits import RateLimiter
 from api.reconciler import Reconciler
 from api.routes import batches as batch_routes
-from api.routes import chat, docs, files, health, models, usage
+from api.routes import chat, docs, files, health, models, projects, usage
 from api.routes import dashboard as dashboard_routes
 from api.routes import metrics as metrics_routes
 from api.shutdown import AnswerWhenCutOff
@@ -41,16 +42,19 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         engine = async_engine(settings.database_url, settings.db_pool_size)
         redis = aioredis.from_url(settings.redis_url, health_check_interval=10)
         lookups = TtlCache(settings.lookup_cache_seconds)
-        waiter = JobWaiter(redis, lookups.clear)
+        sessions = async_sessions(engine)
+        limiter = RateLimiter(redis, sessions, lookups)
+        waiter = JobWaiter(redis, lookups.clear, limiter.job_done)
         await waiter.start()
         app.state.ctx = ApiContext(
             settings=settings,
             engine=engine,
-            sessions=async_sessions(engine),
+            sessions=sessions,
             redis=redis,
             celery=make_celery(settings, "ferry-api"),
             waiter=waiter,
             lookups=lookups,
+            limiter=limiter,
         )
         loops = [
             asyncio.create_task(batch_loop.tend_forever(app.state.ctx)),
@@ -95,6 +99,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(files.router)
     app.include_router(batch_routes.router)
+    app.include_router(projects.router)
     app.include_router(usage.router)
     app.include_router(metrics_routes.router)
     app.include_router(dashboard_routes.router)

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api import stored
 from api.cache import TtlCache
 from api.context import ApiContext, in_background
+from api.rate_limits import RateLimiter
 from core import capabilities, output_limits
 from core.bus import StreamChunk, StreamDone, StreamError, read_entry, stream_key
 from core.errors import (
@@ -50,12 +51,16 @@ async def submit(
     idempotency_key: str | None = None,
     lookups: TtlCache | None = None,
     settings: ApiSettings | None = None,
-) -> tuple[Job, bool]:
-    """Check `body` and persist a new job for it, committed before anything is enqueued.
+    limiter: RateLimiter | None = None,
+) -> tuple[Job, bool, dict[str, str]]:
+    """Check `body`, count it against its project's limits (429 past one) and persist a new
+    job for it, committed before anything is enqueued; the job, False, and the `x-ratelimit-*`
+    headers its answer carries.
 
     With an idempotency key already used by this API key: the first job, and True (409 if the
-    body differs). Either way the session is left without a connection: the caller may wait
-    for the job's result as long as it likes without holding one of the pool's.
+    body differs); a replay is not counted. Either way the session is left without a connection:
+    the caller may wait for the job's result as long as it likes without holding one of the
+    pool's.
     """
     settings = settings or api_settings()
     check_request(body, settings)
@@ -76,9 +81,52 @@ async def submit(
         first = await _first_attempt(session, key, idempotency_key, digest)
         if first is not None:
             await session.commit()
-            return first, True
+            return first, True, {}
+    job_id = new_id("chatcmpl")
+    # Counted in Redis while the job is inserted (one round trip overlapping the other), and
+    # committed only if the limits let it through.
+    admitting = (
+        await limiter.admitting(key, body, model.max_model_len, job_id)
+        if limiter is not None
+        else None
+    )
+    try:
+        job, replayed = await _insert(
+            session, key, body, job_id, request, idempotency_key, digest, admitting
+        )
+    except BaseException:
+        await _not_stored(limiter, admitting, job_id)
+        raise
+    if replayed:
+        await _not_stored(limiter, admitting, job_id)
+    headers = admitting.result() if admitting is not None and not replayed else {}
+    return job, replayed, headers
+
+
+async def _not_stored(
+    limiter: RateLimiter | None, admitting: "asyncio.Future[dict[str, str]] | None", job_id: str
+) -> None:
+    """A job counted but not stored gives its place and its tokens back (its request stays
+    counted)."""
+    if limiter is None or admitting is None:
+        return
+    with contextlib.suppress(BaseException):
+        await admitting
+    await limiter.release(job_id, used=0)
+
+
+async def _insert(
+    session: AsyncSession,
+    key: ApiKey,
+    body: ChatCompletionRequest,
+    job_id: str,
+    request: dict[str, Any],
+    idempotency_key: str | None,
+    digest: str,
+    admitting: "asyncio.Future[dict[str, str]] | None",
+) -> tuple[Job, bool]:
     job = Job(
-        id=new_id("chatcmpl"),
+        id=job_id,
         project=key.project,
         api_key_id=key.id,
         model=body.model,
@@ -95,6 +143,10 @@ async def submit(
     )
     session.add(job)
     try:
+        await session.flush()
+        if admitting is not None:
+            # Past a limit (RateLimitError), the insert is rolled back with the session.
+            await admitting
         await session.commit()
     except IntegrityError:
         # A concurrent retry with the same key won the insert.

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from api.cache import TtlCache
 from api.parsing import Parsers
+from api.rate_limits import RateLimiter
 from api.waiter import JobWaiter
 from core.queue import (
     FAILED_CHECKS_KEY,
@@ -40,6 +41,8 @@ class ApiContext:
     validating: set[str] = field(default_factory=set)
     validation_slots: asyncio.Semaphore | None = None
     line_parsers: Parsers | None = None
+    # Projects' limits on interactive requests (api.rate_limits); None counts nothing.
+    limiter: RateLimiter | None = None
 
     async def live_workers(self) -> list[WorkerBeat]:
         """Workers whose heartbeat is fresh; stale entries are dropped on the way."""

@@ -27,6 +27,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503: "A dependency or worker is unavailable",
     }.items()
 }
+# For routes that count requests against their project's limits.
+RATE_LIMITED: dict[int | str, dict[str, Any]] = {
+    429: {"model": ErrorResponse, "description": "A limit of the key's project is reached"}
+}
 
 
 class _ErrorJSONResponse(JSONResponse):
@@ -43,7 +47,7 @@ def _response(status: int, body: dict[str, Any], headers: dict[str, str] | None 
 
 async def _ferry_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, FerryError)
-    return _response(exc.status_code, exc.envelope())
+    return _response(exc.status_code, exc.envelope(), exc.headers or None)
 
 
 def _body_type(request: Request) -> Any:

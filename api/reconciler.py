@@ -23,6 +23,9 @@ Every few seconds, in one API process at a time (a Postgres advisory lock decide
     more than the grace period ago is gone, even when no later traffic shows it;
 - batches still validating past the grace period are validated again, unless an API process is
   still at it (api.batches.ingest holds a lock while it reads);
+- jobs counted against their project's limits that have ended, but that the API process which
+  admitted them did not release (it died, or missed the notification), are released
+  (api.rate_limits);
 - the content of `store: false` jobs that ended FERRY_UNSTORED_PURGE_SECONDS ago is purged,
   delivered or not (nobody polled, cancelled, its client answered 503 or 504, an Idempotency-Key
   nobody retried): their request and result, a streamed one's chunks in Redis, and the
@@ -82,6 +85,9 @@ class Sweep:
     given_up: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)
+    # Jobs released from their project's limits by the sweep, not by the process that admitted
+    # them (it died, or missed their end).
+    released: int = 0
 
 
 class Reconciler:
@@ -130,6 +136,8 @@ class Reconciler:
         await self._broker_lost(run_id)
         await self._lost_messages(done, _idle_models(beats, ctx.settings.requeue_grace_seconds))
         await self._stalled_batches(done)
+        if ctx.limiter is not None:
+            done.released = await ctx.limiter.sweep()
         return done
 
     async def _unstored_content(self, done: Sweep) -> None:

@@ -20,15 +20,24 @@ class Watch(asyncio.Event):
     """Set when the job may have ended; `outcome` is its stored result when the worker sent it."""
 
     outcome: JobOutcome | None = None
+    # The job's end, once heard: passed on to `job_done` when the watch ends.
+    ended: JobDone | None = None
 
 
 class JobWaiter:
     def __init__(
-        self, redis: aioredis.Redis, lookups_changed: Callable[[], None] = lambda: None
+        self,
+        redis: aioredis.Redis,
+        lookups_changed: Callable[[], None] = lambda: None,
+        job_done: Callable[[JobDone], None] = lambda done: None,
     ) -> None:
-        """`lookups_changed` is called when keys or models change (and after a reconnection)."""
+        """`lookups_changed` is called when keys, models or limits change (and after a
+        reconnection); `job_done` when any job ends: at once if no request here watches it,
+        else when the last watch of it ends (after the request has its answer, so that what
+        `job_done` does costs that answer no time)."""
         self._redis = redis
         self._lookups_changed = lookups_changed
+        self._job_done = job_done
         self._events: dict[str, set[Watch]] = {}
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -58,10 +67,17 @@ class JobWaiter:
                 events.discard(event)
                 if not events:
                     del self._events[job_id]
+            if event.ended is not None:
+                self._job_done(event.ended)
 
     def _wake(self, done: JobDone) -> None:
-        for event in self._events.get(done.job_id, ()):
+        events = self._events.get(done.job_id)
+        if not events:
+            self._job_done(done)
+            return
+        for event in events:
             event.outcome = done.outcome
+            event.ended = done
             event.set()
 
     def _wake_all(self) -> None:

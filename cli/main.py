@@ -1,4 +1,5 @@
-"""The `ferry` command: serve the API, run a worker, migrate, prepare the model, manage keys."""
+"""The `ferry` command: serve the API, run a worker, migrate, prepare the model, manage keys
+and projects' limits."""
 
 import argparse
 import sys
@@ -112,12 +113,16 @@ def _key_sessions():
 
 
 def cmd_keys_create(args: argparse.Namespace) -> None:
+    from sqlalchemy.dialects.postgresql import insert
+
     from core.ids import new_id
     from core.keys import hash_key, new_key
-    from core.tables import ApiKey
+    from core.tables import ApiKey, Project
 
     key = new_key()
     with _key_sessions().begin() as session:
+        # A project is made by its first key if `ferry projects create` has not made it.
+        session.execute(insert(Project).values(name=args.project).on_conflict_do_nothing())
         row = ApiKey(
             id=new_id("key"),
             name=args.name,
@@ -161,15 +166,115 @@ def cmd_keys_revoke(args: argparse.Namespace) -> None:
     print(f"revoked {args.id}")
 
 
-def _lookups_changed() -> None:
-    """Tell API processes to forget the keys they cached (else they do within seconds)."""
+def cmd_projects_create(args: argparse.Namespace) -> None:
+    from sqlalchemy.dialects.postgresql import insert
+
+    from core.tables import Project
+
+    with _key_sessions().begin() as session:
+        made = session.execute(
+            insert(Project)
+            .values(name=args.name, weight=args.weight)
+            .on_conflict_do_nothing()
+            .returning(Project.name)
+        ).first()
+    if made is None:
+        sys.exit(f"project {args.name} exists already")
+    print(f"created project {args.name} (no limits: `ferry projects limits` sets them)")
+
+
+# What `--rpm none` (or any limit given as none) means: back to no limit.
+_NONE = "none"
+
+
+def _limit(value: str) -> int | str:
+    if value.lower() in (_NONE, "unlimited"):
+        return _NONE
+    number = int(value.replace("_", "").replace(",", ""))
+    if number < 1:
+        raise argparse.ArgumentTypeError("a limit is at least 1 (or 'none': no limit)")
+    return number
+
+
+def cmd_projects_limits(args: argparse.Namespace) -> None:
+    from sqlalchemy import select
+
+    from core.project_limits import NAMES
+    from core.tables import Project, ProjectLimit
+
+    given = {name: getattr(args, name) for name in NAMES if getattr(args, name) is not None}
+    with _key_sessions().begin() as session:
+        if session.get(Project, args.name, with_for_update=True) is None:
+            sys.exit(f"no project {args.name}; `ferry projects create {args.name}` makes it")
+        rows = {
+            row.model: row
+            for row in session.scalars(
+                select(ProjectLimit).where(ProjectLimit.project == args.name)
+            )
+        }
+        row = rows.get(args.model)
+        if row is None:
+            # A model's own row starts as what applied to it: the project-wide row.
+            wide = rows.get(None)
+            start = {name: getattr(wide, name) for name in NAMES} if wide is not None else {}
+            row = ProjectLimit(project=args.name, model=args.model, **start)
+            session.add(row)
+        for name, value in given.items():
+            setattr(row, name, None if value == _NONE else value)
+    _lookups_changed("limits")
+    print(f"{args.name} {args.model or '(each model)'}: {_limits_text(row)}")
+
+
+def _limits_text(row) -> str:
+    from core.project_limits import NAMES
+
+    values = {name: getattr(row, name) for name in NAMES}
+    return ", ".join(
+        f"{name.replace('_', '-')} {'none' if value is None else value}"
+        for name, value in values.items()
+    )
+
+
+def cmd_projects_show(args: argparse.Namespace) -> None:
+    from sqlalchemy import func, select
+
+    from core.tables import ApiKey, Project, ProjectLimit
+
+    with _key_sessions()() as session:
+        query = select(Project).order_by(Project.name)
+        if args.name is not None:
+            query = query.where(Project.name == args.name)
+        projects = list(session.scalars(query))
+        if args.name is not None and not projects:
+            sys.exit(f"no project {args.name}")
+        for project in projects:
+            keys = session.scalar(
+                select(func.count())
+                .select_from(ApiKey)
+                .where(ApiKey.project == project.name, ApiKey.revoked_at.is_(None))
+            )
+            print(f"{project.name}\tweight {project.weight}\t{keys} active keys")
+            rows = session.scalars(
+                select(ProjectLimit)
+                .where(ProjectLimit.project == project.name)
+                .order_by(ProjectLimit.model.nulls_first())
+            ).all()
+            if not rows:
+                print("  no limits")
+            for row in rows:
+                print(f"  {row.model or '(each model)'}: {_limits_text(row)}")
+
+
+def _lookups_changed(what: str = "keys") -> None:
+    """Tell API processes to forget the keys and limits they cached (else they do within
+    seconds)."""
     import redis
 
     from core.bus import LookupsChanged, publish
     from core.settings import CoreSettings
 
     try:
-        publish(redis.Redis.from_url(CoreSettings().redis_url), LookupsChanged("keys"))
+        publish(redis.Redis.from_url(CoreSettings().redis_url), LookupsChanged(what))
     except redis.RedisError as exc:
         print(f"(Redis unreachable: {exc}; API processes see the change within seconds)")
 
@@ -240,6 +345,34 @@ def parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("id")
     revoke.set_defaults(func=cmd_keys_revoke)
+
+    projects = sub.add_parser("projects", help="projects and their limits").add_subparsers(
+        dest="projects", required=True
+    )
+    pcreate = projects.add_parser("create", help="create a project (with no limits)")
+    pcreate.add_argument("name")
+    pcreate.add_argument("--weight", type=int, default=1, help="its share under fair-share")
+    pcreate.set_defaults(func=cmd_projects_create)
+    plimits = projects.add_parser(
+        "limits",
+        help="set a project's limits; each not given stays as it was, 'none' removes one",
+        description="Without --model, the limits apply to each model the project uses, each "
+        "counted on its own; with --model, to that model instead. A limit not given stays as "
+        "it was; 'none' removes it. API processes apply a change within seconds.",
+    )
+    plimits.add_argument("name")
+    plimits.add_argument("--model", help="the model these limits are for (default: each model)")
+    for flag, what in (
+        ("--rpm", "interactive requests per minute"),
+        ("--tpm", "their tokens per minute (prompt and completion)"),
+        ("--max-concurrent", "interactive requests queued or running at once"),
+        ("--batch-queue-tokens", "tokens the project's batches in progress may hold"),
+    ):
+        plimits.add_argument(flag, type=_limit, metavar="N|none", help=what)
+    plimits.set_defaults(func=cmd_projects_limits)
+    pshow = projects.add_parser("show", help="a project's limits, or every project's")
+    pshow.add_argument("name", nargs="?")
+    pshow.set_defaults(func=cmd_projects_show)
 
     from cli.batch import add_parser as add_batch_parser
 

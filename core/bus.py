@@ -4,7 +4,8 @@ Published (pub/sub, every API process or every worker hears them):
 - JobDone on JOB_DONE_CHANNEL: a job reached a final state (with its stored outcome, if small);
 - BatchProgress on BATCH_PROGRESS_CHANNEL: some of a batch's jobs ended or went back to the queue;
 - JobCancel on JOB_CANCEL_CHANNEL: the API cancelled a job; the worker running it aborts it;
-- LookupsChanged on LOOKUPS_CHANGED_CHANNEL: a key was revoked or a model (re)announced.
+- LookupsChanged on LOOKUPS_CHANGED_CHANNEL: a key was revoked, a model (re)announced or a
+  project's limits changed.
 A streamed job's entries (a Redis stream per job, worker -> API): StreamChunk ..., then
 StreamDone or StreamError. A batch chunk (the body of a message in a model's batch queue):
 BatchChunk.
@@ -101,7 +102,8 @@ class JobCancel(_Id):
 
 @dataclass(frozen=True)
 class LookupsChanged(_Id):
-    """A key or a model changed (`what` names it): API processes drop their cached lookups."""
+    """A key, a model or limits changed (`what` names it): API processes drop their cached
+    lookups."""
 
     channel: ClassVar[str] = LOOKUPS_CHANGED_CHANNEL
     what: str

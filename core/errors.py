@@ -16,6 +16,7 @@ The hierarchy (status and `code` as answered):
   |  + ModelNotFoundError (404 model_not_found)
   + ConflictError (409 conflict)
   |  + CancelledError (409 cancelled) - the job was cancelled through the API
+  + RateLimitError (429 rate_limit_exceeded) - a project's limit per minute or at once
   + ServiceUnavailableError (503 service_unavailable)
   |  + WorkerLostError (503 worker_lost) - its worker stopped and it could not run again
   + GatewayTimeoutError (504 timeout)
@@ -31,6 +32,8 @@ class FerryError(Exception):
     status_code = 500
     type = "server_error"
     code: str | None = None
+    # Headers the answer carries besides the envelope (e.g. Retry-After).
+    headers: dict[str, str] = {}
 
     def __init__(
         self,
@@ -128,6 +131,18 @@ class ModelNotFoundError(NotFoundError):
         super().__init__(
             f"The model '{model}' does not exist: no worker has ever served it.", param="model"
         )
+
+
+class RateLimitError(FerryError):
+    """A project's limit is reached: `type` says which ("requests" or "tokens"), as OpenAI's."""
+
+    status_code = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, type: str, headers: dict[str, str]) -> None:
+        super().__init__(message, type=type)
+        self.headers = headers
 
 
 class ServiceUnavailableError(FerryError):

@@ -73,6 +73,51 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class Project(Base):
+    """A team sharing this Ferry: its keys' jobs, files and batches, and its limits."""
+
+    __tablename__ = "projects"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # Its share when projects compete for the workers (a later fair-share scheduler's input).
+    weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    created_at: Mapped[datetime] = _now_column()
+
+
+class ProjectLimit(Base):
+    """A project's limits: for each model it uses (`model` None), or for one model, which then
+    takes this row instead of the project-wide one. A None limit is no limit."""
+
+    __tablename__ = "project_limits"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project: Mapped[str] = mapped_column(ForeignKey("projects.name", ondelete="CASCADE"))
+    model: Mapped[str | None] = mapped_column(String(200))
+    # Interactive requests per minute, their tokens per minute (prompt and completion), and
+    # those queued or running at once.
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    tpm: Mapped[int | None] = mapped_column(BigInteger)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
+    # The tokens its batches in progress may hold, estimated when each batch is validated.
+    batch_queue_tokens: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index(
+            "uq_project_limits_project",
+            "project",
+            unique=True,
+            postgresql_where=text("model IS NULL"),
+        ),
+        Index(
+            "uq_project_limits_project_model",
+            "project",
+            "model",
+            unique=True,
+            postgresql_where=text("model IS NOT NULL"),
+        ),
+    )
+
+
 class ServedModel(Base):
     """A model some worker has served: requests for it are accepted and queued."""
 
@@ -159,6 +204,9 @@ class Batch(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Tokens its valid lines are estimated to use, by model, reserved against the project's
+    # batch queue limit while it is in progress and released in proportion as its jobs end.
+    queued_tokens: Mapped[dict[str, int] | None] = mapped_column(Json)
     created_at: Mapped[datetime] = _now_column()
     in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

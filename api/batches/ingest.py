@@ -16,15 +16,26 @@ from typing import Any
 
 from sqlalchemy import Text, bindparam, cast, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api import files
 from api.batches.lines import Line, Served, read_lines
 from api.batches.service import WINDOWS
 from api.context import ApiContext
 from api.parsing import Parsers
+from core import project_limits
 from core.ids import new_id
 from core.queue import dispatch_async
-from core.tables import Batch, BatchLineError, BatchStatus, Job, JobStatus, ServedModel
+from core.tables import (
+    Batch,
+    BatchLineError,
+    BatchStatus,
+    Job,
+    JobStatus,
+    Project,
+    ProjectLimit,
+    ServedModel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,22 +136,73 @@ async def _ingest(ctx: ApiContext, batch_id: str) -> None:
         return
     window = WINDOWS[batch.completion_window]
     async with ctx.sessions.begin() as session:
-        started = await session.execute(
-            update(Batch)
-            .where(Batch.id == batch_id, Batch.status == BatchStatus.validating)
-            .values(
-                status=BatchStatus.in_progress,
-                in_progress_at=func.now(),
-                expires_at=Batch.created_at + window,
-                total=lines.lines,
-                invalid=lines.invalid,
-                model=next(iter(lines.by_model)) if len(lines.by_model) == 1 else None,
+        refused = await _over_queue_limit(session, batch, lines.tokens)
+        if refused is None:
+            started = await session.execute(
+                update(Batch)
+                .where(Batch.id == batch_id, Batch.status == BatchStatus.validating)
+                .values(
+                    status=BatchStatus.in_progress,
+                    in_progress_at=func.now(),
+                    expires_at=Batch.created_at + window,
+                    total=lines.lines,
+                    invalid=lines.invalid,
+                    model=next(iter(lines.by_model)) if len(lines.by_model) == 1 else None,
+                    queued_tokens=lines.tokens,
+                )
             )
-        )
+    if refused is not None:
+        counts = {"lines": lines.lines, "invalid": lines.invalid}
+        await _fail(ctx, batch_id, "token_limit_exceeded", refused, counts=counts)
+        return
     if started.rowcount:
         await _dispatch(ctx, lines.by_model)
     else:
         await _cancelled_while_validating(ctx, batch_id, lines.lines, lines.invalid)
+
+
+async def _over_queue_limit(
+    session: AsyncSession, batch: Batch, tokens: dict[str, int]
+) -> str | None:
+    """Why the batch does not fit in its project's batch queue (its estimate on a model past
+    what the project's batches in progress leave of the limit), or None if it fits.
+
+    The project's row stays locked until the caller's transaction ends, in which the batch,
+    if it fits, starts holding its tokens: two batches of a project never both take the last
+    room.
+    """
+    rows = list(
+        await session.scalars(select(ProjectLimit).where(ProjectLimit.project == batch.project))
+    )
+    limited = {
+        model: most
+        for model in tokens
+        if (limits := project_limits.for_model(rows, model)) is not None
+        and (most := limits.batch_queue_tokens) is not None
+    }
+    if not limited:
+        return None
+    await session.execute(
+        select(Project.name).where(Project.name == batch.project).with_for_update()
+    )
+    others = (
+        await session.execute(
+            select(
+                Batch.queued_tokens, Batch.total, Batch.invalid, Batch.completed, Batch.failed
+            ).where(
+                Batch.project == batch.project,
+                Batch.status == BatchStatus.in_progress,
+                Batch.id != batch.id,
+            )
+        )
+    ).all()
+    for model, most in sorted(limited.items()):
+        in_use = project_limits.batch_tokens_in_use(others, model)
+        if in_use + tokens[model] > most:
+            return project_limits.batch_queue_refused(
+                model, batch.project, most, in_use, tokens[model]
+            )
+    return None
 
 
 async def _runs(ctx: ApiContext, file_id: str) -> AsyncGenerator[list[bytes], None]:
@@ -211,6 +273,8 @@ class Lines:
         self.created = int(time.time())
         self.seen: set[str] = set()
         self.by_model: dict[str, list[str]] = {}
+        # The valid lines' estimated tokens, by model (core.project_limits.estimate_tokens).
+        self.tokens: dict[str, int] = {}
         self.lines = self.jobs = self.invalid = 0
 
     def take(
@@ -272,6 +336,9 @@ class Lines:
                 }
             )
             self.by_model.setdefault(line.job["model"], []).append(job_id)
+            self.tokens[line.job["model"]] = (
+                self.tokens.get(line.job["model"], 0) + line.job["tokens"]
+            )
             self.jobs += 1
         return jobs, errors, False
 

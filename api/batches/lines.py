@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from core import capabilities, output_limits
+from core import capabilities, output_limits, project_limits
 from core.errors import FerryError, LineError
 from core.settings import ApiSettings
 from core.validation import check_json_text, check_request, check_storable, unstorable
@@ -42,7 +42,7 @@ class Line:
 
     `custom_id` is set once the line's custom_id passed its own checks (whether another line
     has it too is the caller's to say); `error` is None for a valid line, whose `job` then holds
-    the job's model, its request as JSON text, `store` and `metadata`.
+    the job's model, its request as JSON text, `store`, `metadata` and its estimated `tokens`.
     """
 
     custom_id: str | None
@@ -81,6 +81,8 @@ def _read(raw: bytes, models: dict[str, Served], settings: ApiSettings) -> Line:
         "request": json.dumps(body.model_dump(mode="json", exclude_unset=True)),
         "store": bool(body.store),
         "metadata": body.metadata,
+        # What it is estimated to cost, held against its project's batch queue limit.
+        "tokens": project_limits.estimate_tokens(body, models[body.model].max_model_len),
     }
     return Line(line.custom_id, job=job)
 

@@ -6,7 +6,7 @@ from starlette.background import BackgroundTask
 
 from api import completions, stored
 from api.deps import ApiKeyDep, ContextDep, SessionDep
-from api.errors import ERROR_RESPONSES
+from api.errors import ERROR_RESPONSES, RATE_LIMITED
 from api.pagination import ListQuery, list_query
 from core.errors import InvalidRequestError
 from core.wire.requests import ChatCompletionRequest
@@ -50,6 +50,7 @@ StoredListQuery = Annotated[ListQuery, Depends(list_query())]
         },
         **ERROR_RESPONSES,
         409: ERROR_RESPONSES[400],
+        **RATE_LIMITED,
         504: ERROR_RESPONSES[503],
     },
 )
@@ -67,8 +68,8 @@ async def create_chat_completion(
         raise InvalidRequestError(
             "A streamed request cannot also ask for 'Prefer: respond-async'.", param="stream"
         )
-    job, replayed = await completions.submit(
-        session, key, body, idempotency_key, ctx.lookups, ctx.settings
+    job, replayed, limit_headers = await completions.submit(
+        session, key, body, idempotency_key, ctx.lookups, ctx.settings, ctx.limiter
     )
     if replayed and body.stream:
         raise InvalidRequestError(
@@ -82,15 +83,19 @@ async def create_chat_completion(
         return JSONResponse(
             StoredChatCompletion.of(job).model_dump(mode="json"),
             status_code=202,
-            headers={"Location": f"/v1/chat/completions/{job.id}"},
+            headers={"Location": f"/v1/chat/completions/{job.id}", **limit_headers},
         )
     if body.stream:
         events = await completions.run_and_stream(ctx, job)
-        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={**_SSE_HEADERS, **limit_headers}
+        )
     job = await (completions.wait(ctx, job) if replayed else completions.run_and_wait(ctx, job))
     # Stored already in OpenAI's exact shape: sent as it is, not re-serialized with nulls.
     return JSONResponse(
-        completions.result_of(job), background=BackgroundTask(stored.mark_delivered, ctx, job)
+        completions.result_of(job),
+        headers=limit_headers,
+        background=BackgroundTask(stored.mark_delivered, ctx, job),
     )
 
 

@@ -309,3 +309,45 @@ class BatchObject(Sparse):
 
 class BatchList(CursorPage[BatchObject]):
     """`ListBatchesResponse`."""
+
+
+# Ferry's own resources (OpenAI shows limits only in headers and its dashboard).
+
+
+class RateWindow(BaseModel):
+    """A per-minute limit now: what is left, and when it is whole again (`6m0s`, `20ms`)."""
+
+    limit: int
+    remaining: int
+    reset: str
+
+
+class BatchQueueTokens(BaseModel):
+    """The tokens the project's batches in progress hold on a model, and what is left."""
+
+    limit: int | None
+    in_use: int
+    free: int | None
+
+
+class ModelLimits(BaseModel):
+    """A project's limits on one model (None: no limit), and what they leave now."""
+
+    model: str
+    rpm: int | None
+    tpm: int | None
+    max_concurrent: int | None
+    batch_queue_tokens: int | None
+    requests: RateWindow | None
+    tokens: RateWindow | None
+    # Interactive requests queued or running now (counted only under a limit).
+    concurrent: int | None
+    batch_queue: BatchQueueTokens
+
+
+class ProjectLimits(BaseModel):
+    """`GET /v1/projects/me/limits`: the key's project's limits on each model, and what is free."""
+
+    object: Literal["project.limits"] = "project.limits"
+    project: str
+    data: list[ModelLimits]

@@ -3,7 +3,7 @@
 import sqlalchemy as sa
 from alembic import op
 
-revision, down_revision = "0012", "0010"
+revision, down_revision = "0012", "0011"
 branch_labels = depends_on = None
 
 INCLUDED = [

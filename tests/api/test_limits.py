@@ -393,10 +393,16 @@ def test_prompt_that_fills_the_context_is_context_length_exceeded(
     error = caught.value.body
     assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
     assert f"maximum context length is {CONTEXT} tokens" in error["message"]
-    with db.connect() as conn:
-        row = conn.execute(
-            text("SELECT status, error_status FROM jobs ORDER BY created_at DESC LIMIT 1")
-        ).one()
+    # A stream's error reaches its client before the worker has stored the job's end.
+    deadline = time.monotonic() + 10
+    while True:
+        with db.connect() as conn:
+            row = conn.execute(
+                text("SELECT status, error_status FROM jobs ORDER BY created_at DESC LIMIT 1")
+            ).one()
+        if row.status != "running" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert (row.status, row.error_status) == ("failed", 400)
 
 
