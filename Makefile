@@ -68,7 +68,7 @@ lint: install ## format check, lint, types, import contracts
 check: lint test ## lint, then the whole suite
 
 .PHONY: bench
-bench: setup ## benches: the CPU engine's modes, throughput against vLLM alone, batching, first token, lists, ingestion
+bench: setup ## benches: the CPU engine's modes, throughput against vLLM alone, batching, first token, lists, ingestion, reconciling, limits, fair share
 	$(PY) -m bench.engine_modes
 	$(PY) -m bench.throughput
 	$(PY) -m bench.latency
@@ -79,3 +79,4 @@ bench: setup ## benches: the CPU engine's modes, throughput against vLLM alone, 
 	$(PY) -m bench.batch_ingest
 	$(PY) -m bench.reconcile_sweep
 	$(PY) -m bench.rate_limits
+	$(PY) -m bench.fair_share

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from api import stored
+from api import webhooks as webhook_sender
 from api.auth import BearerAuth
 from api.batches import loop as batch_loop
 from api.cache import TtlCache
@@ -60,6 +61,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             asyncio.create_task(batch_loop.tend_forever(app.state.ctx)),
             asyncio.create_task(Reconciler(app.state.ctx).forever()),
             asyncio.create_task(stored.deliver_forever(app.state.ctx)),
+            asyncio.create_task(webhook_sender.Sender(app.state.ctx).forever()),
         ]
         try:
             yield

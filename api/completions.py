@@ -28,7 +28,7 @@ from core.errors import (
     ServiceUnavailableError,
 )
 from core.ids import new_id
-from core.queue import send_jobs
+from core.queue import Dispatch, send_jobs
 from core.settings import ApiSettings, api_settings
 from core.tables import ApiKey, Job, JobStatus, ServedModel
 from core.validation import check_request
@@ -52,6 +52,8 @@ async def submit(
     lookups: TtlCache | None = None,
     settings: ApiSettings | None = None,
     limiter: RateLimiter | None = None,
+    notify: bool = False,
+    callback_url: str | None = None,
 ) -> tuple[Job, bool, dict[str, str]]:
     """Check `body`, count it against its project's limits (429 past one) and persist a new
     job for it, committed before anything is enqueued; the job, False, and the `x-ratelimit-*`
@@ -61,6 +63,9 @@ async def submit(
     body differs); a replay is not counted. Either way the session is left without a connection:
     the caller may wait for the job's result as long as it likes without holding one of the
     pool's.
+
+    `notify`: an asynchronous request, whose end is sent as a webhook event to its project's
+    endpoints and to `callback_url` (api.webhooks).
     """
     settings = settings or api_settings()
     check_request(body, settings)
@@ -92,7 +97,16 @@ async def submit(
     )
     try:
         job, replayed = await _insert(
-            session, key, body, job_id, request, idempotency_key, digest, admitting
+            session,
+            key,
+            body,
+            job_id,
+            request,
+            idempotency_key,
+            digest,
+            admitting,
+            notify,
+            callback_url,
         )
     except BaseException:
         await _not_stored(limiter, admitting, job_id)
@@ -124,6 +138,8 @@ async def _insert(
     idempotency_key: str | None,
     digest: str,
     admitting: "asyncio.Future[dict[str, str]] | None",
+    notify: bool = False,
+    callback_url: str | None = None,
 ) -> tuple[Job, bool]:
     job = Job(
         id=job_id,
@@ -140,6 +156,8 @@ async def _insert(
         # Recorded as sent in the commit that creates it: no second write on every request's
         # way. `enqueue` drops the record if the broker refuses the message.
         dispatched_at=func.now(),
+        notify=notify,
+        callback_url=callback_url,
     )
     session.add(job)
     try:
@@ -183,7 +201,7 @@ async def enqueue(ctx: ApiContext, job: Job) -> None:
     (api.reconciler). Either way the job still runs.
     """
     try:
-        await anyio.to_thread.run_sync(send_jobs, ctx.celery, [(job.id, job.model, False)])
+        await anyio.to_thread.run_sync(send_jobs, ctx.celery, [Dispatch(job.id, job.model)])
     except Exception as exc:
         log.warning(
             "could not enqueue job %s (%s); the reconciler will send it",

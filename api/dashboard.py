@@ -7,11 +7,13 @@ One project's counts and throughput (what an ordinary key's dashboard shows) rea
 those same ranges to keep that project's.
 """
 
+from collections import Counter as Tally
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
@@ -28,8 +30,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.throttled import LIMITS, Throttled
 from core.queue import FailedCheck, WorkerBeat
-from core.tables import Batch, BatchStatus, Job, JobStatus, ServedModel
+from core.tables import Batch, BatchStatus, Job, JobStatus, Project, ServedModel
 
 # Batches whose jobs may still move (or whose files are being written).
 UNFINISHED = (
@@ -266,3 +269,247 @@ async def throughput(
         "last_minute": _sums(minute, len(minute) * bucket_seconds) | {"buckets": len(minute)},
         "total": _sums(buckets, count * bucket_seconds),
     }
+
+
+# Tokens used are summed over this many seconds: the dashboard's and /metrics' "last hour".
+TOKENS_SECONDS = 3600
+# A job is a batch's line or an interactive request; its usage, in the order summed.
+KINDS = ("interactive", "batch")
+TOKEN_KINDS = ("prompt", "completion", "cached")
+
+
+async def project_jobs(
+    session: AsyncSession, project: str | None = None
+) -> dict[tuple[str, str, str, str], int]:
+    """Jobs queued and running per (project, model, kind, status), kind `interactive` or `batch`;
+    `project` counts only that project's. Only what is there: no zeros."""
+    pairs = values(column("status", String), name="statuses").data(
+        [(status.value,) for status in LIVE]
+    )
+    batch = Job.batch_id.is_not(None).label("batch")
+    # Per served model and status, a range of ix_jobs_model_status, whose rows are read for
+    # their project: live jobs only, never the ended ones that fill the table.
+    scope: list[ColumnElement[bool]] = [Job.model == ServedModel.name, Job.status == pairs.c.status]
+    if project is not None:
+        scope.append(Job.project == project)
+    per = (
+        select(Job.project, batch, func.count().label("n"))
+        .where(*scope)
+        .group_by(Job.project, batch)
+        .lateral("per")
+    )
+    await session.execute(text("SET LOCAL jit = off"))
+    rows = await session.execute(
+        select(ServedModel.name, pairs.c.status, per.c.project, per.c.batch, per.c.n).select_from(
+            ServedModel.__table__.join(pairs, true()).join(per, true())
+        )
+    )
+    return {
+        (owner, model, "batch" if is_batch else "interactive", status): int(n)
+        for model, status, owner, is_batch, n in rows
+    }
+
+
+async def project_tokens(
+    session: AsyncSession, project: str | None = None, seconds: int = TOKENS_SECONDS
+) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """Prompt, completion and cached tokens per (project, model) of the jobs that succeeded in
+    the last `seconds`: the engine's own usage, from the rows the Usage API sums."""
+    scope: list[ColumnElement[bool]] = [
+        Job.status == JobStatus.succeeded,
+        Job.finished_at > func.now() - timedelta(seconds=seconds),
+    ]
+    if project is not None:
+        scope.append(Job.project == project)
+    rows = await session.execute(
+        select(
+            Job.project,
+            Job.model,
+            func.coalesce(func.sum(Job.prompt_tokens), 0),
+            func.coalesce(func.sum(Job.completion_tokens), 0),
+            func.coalesce(func.sum(Job.cached_tokens), 0),
+        )
+        .where(*scope)
+        .group_by(Job.project, Job.model)
+    )
+    return {(p, m): (int(a or 0), int(b or 0), int(c or 0)) for p, m, a, b, c in rows}
+
+
+async def project_names(session: AsyncSession) -> list[str]:
+    """Every project created (admin-made: few)."""
+    return list(await session.scalars(select(Project.name).order_by(Project.name)))
+
+
+class LiveJobs(BaseModel):
+    interactive: int
+    batch: int
+
+
+class TokensUsed(BaseModel):
+    prompt: int
+    completion: int
+    cached: int
+
+
+class Refusals(BaseModel):
+    """Requests refused, by the limit that refused them (429s; batches failed for
+    `batch_queue_tokens`), and all of them."""
+
+    rpm: int
+    tpm: int
+    max_concurrent: int
+    batch_queue_tokens: int
+    all: int
+
+
+class ProjectFigures(BaseModel):
+    """A project's row: its jobs queued and running now, its tokens used in the last hour, its
+    requests refused by its limits in the last hour and in all (since Redis started empty)."""
+
+    project: str
+    queued: LiveJobs
+    running: LiveJobs
+    tokens_last_hour: TokensUsed
+    throttled_last_hour: Refusals
+    throttled_total: Refusals
+
+
+class WorkersView(BaseModel):
+    """GET /v1/dashboard/workers: `project` with the project scope, `workers` with the fleet's."""
+
+    object: Literal["dashboard.workers"]
+    scope: Literal["project", "fleet"]
+    project: str | None = None
+    workers: list[dict[str, Any]] | None = None
+    models: list[dict[str, Any]]
+    refused: list[dict[str, Any]]
+    projects: list[ProjectFigures]
+
+
+def projects_view(
+    names: Iterable[str],
+    jobs: dict[tuple[str, str, str, str], int],
+    tokens: dict[tuple[str, str], tuple[int, int, int]],
+    refused: Throttled,
+) -> list[ProjectFigures]:
+    """One row per project (of `names`, and any other with figures), summed over its models: its
+    jobs queued and running (interactive and batch), its tokens of the last hour and its
+    requests refused by its limits, in the last hour and in all, by limit."""
+    live: Tally[tuple[str, str, str]] = Tally()
+    for (project, _, kind, status), n in jobs.items():
+        live[project, status, kind] += n
+    used: dict[str, list[int]] = {}
+    for (project, _), counts in tokens.items():
+        sums = used.setdefault(project, [0, 0, 0])
+        for i, n in enumerate(counts):
+            sums[i] += n
+
+    def jobs_of(project: str, status: JobStatus) -> LiveJobs:
+        return LiveJobs(**{kind: live[project, status.value, kind] for kind in KINDS})
+
+    def refusals(counts: dict[tuple[str, str, str], int], project: str) -> Refusals:
+        by_limit = dict.fromkeys(LIMITS, 0)
+        for (owner, _, limit), n in counts.items():
+            if owner == project:
+                by_limit[limit] = by_limit.get(limit, 0) + n
+        return Refusals(**by_limit, all=sum(by_limit.values()))
+
+    shown = set(names) | {k[0] for k in live} | set(used)
+    shown |= {k[0] for k in refused.total} | {k[0] for k in refused.last_hour}
+    return [
+        ProjectFigures(
+            project=project,
+            queued=jobs_of(project, JobStatus.queued),
+            running=jobs_of(project, JobStatus.running),
+            tokens_last_hour=TokensUsed(
+                **dict(zip(TOKEN_KINDS, used.get(project, [0, 0, 0]), strict=True))
+            ),
+            throttled_last_hour=refusals(refused.last_hour, project),
+            throttled_total=refusals(refused.total, project),
+        )
+        for project in sorted(shown)
+    ]
+
+
+# An endpoint whose last failure is this recent is listed as failing, its circuit open or not.
+FAILING_SECONDS = 3600
+
+
+class FailingWebhook(BaseModel):
+    id: str
+    project: str
+    url: str
+    circuit: Literal["open", "closed"]
+    consecutive_failures: int
+    # Unix seconds.
+    last_failure_at: int | None
+    pending: int
+
+
+class WebhooksView(BaseModel):
+    object: Literal["dashboard.webhooks"]
+    scope: Literal["project", "fleet"]
+    # The age of the oldest event not yet delivered (None: none waits).
+    oldest_pending_seconds: float | None
+    open_circuits: int
+    failing: list[FailingWebhook]
+
+
+_WEBHOOK_HEALTH = text(
+    """
+    SELECT
+        (SELECT extract(epoch FROM now() - min(ev.created_at))
+         FROM webhook_deliveries d JOIN webhook_events ev ON ev.id = d.event_id
+         WHERE d.status = 'pending' AND (CAST(:project AS text) IS NULL OR ev.project = :project)),
+        (SELECT count(*) FROM webhook_endpoints e
+         WHERE e.circuit_open_until > now()
+           AND (CAST(:project AS text) IS NULL OR e.project = :project))
+    """
+)
+_FAILING_WEBHOOKS = text(
+    """
+    SELECT e.id, e.project, e.url, e.circuit_open_until > now() AS open,
+           e.consecutive_failures, extract(epoch FROM e.last_failure_at)::bigint AS failed_at,
+           (SELECT count(*) FROM webhook_deliveries d
+            WHERE d.endpoint_id = e.id AND d.status = 'pending') AS pending
+    FROM webhook_endpoints e
+    WHERE (CAST(:project AS text) IS NULL OR e.project = :project)
+      AND (e.circuit_open_until > now() OR e.consecutive_failures > 0
+           OR e.last_failure_at > now() - make_interval(secs => :seconds))
+    ORDER BY e.last_failure_at DESC NULLS LAST, e.id
+    LIMIT 100
+    """
+)
+
+
+async def webhook_health(session: AsyncSession, project: str | None = None) -> tuple[float, int]:
+    """The age in seconds of the oldest undelivered event (0 if none), and the endpoints whose
+    circuit is open."""
+    oldest, open_circuits = (await session.execute(_WEBHOOK_HEALTH, {"project": project})).one()
+    return float(oldest or 0.0), int(open_circuits)
+
+
+async def webhooks_view(session: AsyncSession, project: str | None = None) -> WebhooksView:
+    """Endpoints whose circuit is open or that failed in the last hour."""
+    oldest, open_circuits = (await session.execute(_WEBHOOK_HEALTH, {"project": project})).one()
+    rows = await session.execute(
+        _FAILING_WEBHOOKS, {"project": project, "seconds": FAILING_SECONDS}
+    )
+    return WebhooksView(
+        object="dashboard.webhooks",
+        scope="project" if project is not None else "fleet",
+        oldest_pending_seconds=None if oldest is None else round(float(oldest), 1),
+        open_circuits=int(open_circuits),
+        failing=[
+            FailingWebhook(
+                id=row.id,
+                project=row.project,
+                url=row.url,
+                circuit="open" if row.open else "closed",
+                consecutive_failures=row.consecutive_failures,
+                last_failure_at=row.failed_at,
+                pending=row.pending,
+            )
+            for row in rows
+        ],
+    )

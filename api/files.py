@@ -4,18 +4,21 @@ Any API process can serve any file, so API processes scale out without a shared 
 """
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 from fastapi import UploadFile
-from sqlalchemy import delete, func, insert, select
+from pydantic import ValidationError
+from sqlalchemy import ColumnElement, and_, delete, func, insert, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.limits import file_too_large
 from api.pagination import ListQuery, keyset
 from core.errors import InvalidRequestError, NotFoundError
 from core.ids import new_id
-from core.tables import ApiKey, FileChunk, StoredFile
+from core.tables import ApiKey, FileChunk, Project, StoredFile
 from core.validation import unstorable
-from core.wire.resources import FileDeleted, FileList, FileObject
+from core.wire.resources import ExpiresAfter, FileDeleted, FileList, FileObject
+from core.wire.wording import refused
 
 CHUNK = 1 << 20
 PURPOSES = ("batch",)
@@ -23,10 +26,42 @@ PURPOSES = ("batch",)
 MAX_FILENAME = 1024
 
 
+def expires_after(anchor: str | None, seconds: str | None) -> ExpiresAfter | None:
+    """An upload's `expires_after` from its form fields (`expires_after[anchor]` and
+    `expires_after[seconds]`, as the SDK sends them); None if neither is given."""
+    if anchor is None and seconds is None:
+        return None
+    given = {k: v for k, v in {"anchor": anchor, "seconds": seconds}.items() if v is not None}
+    try:
+        return ExpiresAfter.model_validate(given)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("expires_after", *e["loc"])} for e in exc.errors()]
+        raise refused(errors) from None
+
+
+def expiry(seconds: int | None) -> ColumnElement | None:
+    """When a file made now expires, `seconds` from now; None: it does not."""
+    return None if seconds is None else func.now() + literal(timedelta(seconds=seconds))
+
+
+def live() -> ColumnElement[bool]:
+    """Files neither deleted nor past their expiry."""
+    return and_(
+        StoredFile.deleted_at.is_(None),
+        or_(StoredFile.expires_at.is_(None), StoredFile.expires_at > func.now()),
+    )
+
+
 async def upload(
-    sessions: async_sessionmaker, key: ApiKey, upload: UploadFile, purpose: str, max_bytes: int
+    sessions: async_sessionmaker,
+    key: ApiKey,
+    upload: UploadFile,
+    purpose: str,
+    max_bytes: int,
+    expires_after: ExpiresAfter | None = None,
 ) -> StoredFile:
-    """Store an uploaded file chunk by chunk; 413 past `max_bytes`."""
+    """Store an uploaded file chunk by chunk; 413 past `max_bytes`. It expires as
+    `expires_after` says, or else as its project's `file_ttl_seconds` does."""
     if purpose not in PURPOSES:
         raise InvalidRequestError(
             f"Invalid value: '{purpose}'. Supported values are: 'batch'.",
@@ -39,6 +74,13 @@ async def upload(
         id=new_id("file"), project=key.project, api_key_id=key.id, filename=name, purpose=purpose
     )
     async with sessions.begin() as session:
+        if expires_after is not None:
+            seconds: int | None = expires_after.seconds
+        else:
+            seconds = await session.scalar(
+                select(Project.file_ttl_seconds).where(Project.name == key.project)
+            )
+        file.expires_at = expiry(seconds)
         session.add(file)
         seq = size = 0
         while data := await upload.read(CHUNK):
@@ -48,7 +90,16 @@ async def upload(
             await session.execute(insert(FileChunk).values(file_id=file.id, seq=seq, data=data))
             seq += 1
         file.bytes = size
+        await _read_expiry(session, file, seconds)
     return file
+
+
+async def _read_expiry(session: AsyncSession, file: StoredFile, seconds: int | None) -> None:
+    """The expiry the database computed (`seconds` from its now), read back while the session
+    holds the file; a file that does not expire has nothing to read."""
+    if seconds is not None:
+        await session.flush()
+        await session.refresh(file, ["expires_at"])
 
 
 def check_filename(name: str) -> None:
@@ -80,14 +131,17 @@ async def write_lines(
     filename: str,
     purpose: str,
     lines: AsyncIterator[bytes],
+    expires_after: int | None = None,
 ) -> StoredFile | None:
-    """A file made of `lines`, written chunk by chunk; None if there are no lines."""
+    """A file made of `lines`, written chunk by chunk, expiring `expires_after` seconds from
+    now if given; None if there are no lines."""
     file = StoredFile(
         id=new_id("file"),
         project=key_project,
         api_key_id=api_key_id,
         filename=filename,
         purpose=purpose,
+        expires_at=expiry(expires_after),
     )
     session.add(file)
     await session.flush()
@@ -109,13 +163,18 @@ async def write_lines(
         await session.delete(file)
         return None
     file.bytes = size
+    await _read_expiry(session, file, expires_after)
     return file
 
 
 async def get(session: AsyncSession, key: ApiKey, file_id: str) -> StoredFile:
     """The caller's file; 404 otherwise."""
-    file = await session.get(StoredFile, file_id)
-    if file is None or file.project != key.project or file.deleted_at is not None:
+    file = await session.scalar(
+        select(StoredFile).where(
+            StoredFile.id == file_id, StoredFile.project == key.project, live()
+        )
+    )
+    if file is None:
         raise NotFoundError(f"No such File object: {file_id}", param="file_id")
     return file
 
@@ -124,9 +183,7 @@ async def list_files(
     session: AsyncSession, key: ApiKey, purpose: str | None, page: ListQuery
 ) -> FileList:
     """A page of the caller's files, of one purpose if given."""
-    query = select(StoredFile).where(
-        StoredFile.project == key.project, StoredFile.deleted_at.is_(None)
-    )
+    query = select(StoredFile).where(StoredFile.project == key.project, live())
     if purpose is not None:
         query = query.where(StoredFile.purpose == purpose)
     files = await keyset(

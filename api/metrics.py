@@ -2,8 +2,8 @@
 queues, batches and workers, read from Postgres and Redis when /metrics is scraped.
 
 Every API process answers with the same state (it is read from the shared stores): aggregate
-those gauges with max(), not sum(), across API processes. Labels name models, routes and states,
-never a project, a key or a batch: the scrape shows the fleet, not its tenants.
+those gauges (and the refusals counted in Redis) with max(), not sum(), across API processes.
+Labels name models, routes, states and projects (made by an admin: few), never a key or a batch.
 """
 
 import asyncio
@@ -15,12 +15,12 @@ from collections.abc import Iterable
 
 from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.routing import Match
 from starlette.types import Message, Receive, Scope, Send
 
-from api import dashboard
+from api import dashboard, throttled
 from api.context import ApiContext
 from api.middleware import HttpMiddleware
 from core.errors import AuthenticationError, MissingApiKeyError
@@ -50,6 +50,16 @@ HTTP_DURATION = Histogram(
     ["method", "route", "status"],
     buckets=BUCKETS,
 )
+
+WEBHOOK_DELIVERIES = Counter(
+    "ferry_webhook_deliveries",
+    "Webhook delivery attempts by outcome, counted by the API process that made them: delivered, "
+    "failed_attempt (to be tried again), refused (the URL resolved to a refused address), "
+    "gave_up (72 hours after the event).",
+    ["outcome"],
+)
+for _outcome in ("delivered", "failed_attempt", "refused", "gave_up"):
+    WEBHOOK_DELIVERIES.labels(_outcome)
 
 
 def route_of(scope: Scope) -> str:
@@ -137,6 +147,10 @@ async def state(ctx: ApiContext) -> list[Metric]:
             counts = await dashboard.job_counts(session, dashboard.LIVE)
             counts.update(await _ENDED.counts(session))
             batches = await dashboard.batches(session, limit=None)
+            names = await dashboard.project_names(session)
+            live = await dashboard.project_jobs(session)
+            tokens = await dashboard.project_tokens(session)
+            oldest, open_circuits = await dashboard.webhook_health(session)
     except Exception as exc:
         log.warning("metrics: postgres unavailable: %s", exc)
         up.add_metric(["postgres"], 0)
@@ -158,8 +172,22 @@ async def state(ctx: ApiContext) -> list[Metric]:
             if status == JobStatus.queued.value:
                 depth.add_metric([model], n)
         families += [jobs, depth, *_batch_families(batches)]
+        families += _project_families(names, served, live, tokens)
+        families += [
+            GaugeMetricFamily(
+                "ferry_webhook_oldest_pending_seconds",
+                "Age of the oldest webhook event not yet delivered (0: none waits).",
+                value=oldest,
+            ),
+            GaugeMetricFamily(
+                "ferry_webhook_open_circuits",
+                "Webhook endpoints whose circuit breaker is open (nothing is sent to them now).",
+                value=open_circuits,
+            ),
+        ]
     try:
         beats = await ctx.live_workers()
+        refused = await throttled.read(ctx.redis)
     except Exception as exc:
         log.warning("metrics: redis unavailable: %s", exc)
         up.add_metric(["redis"], 0)
@@ -172,8 +200,56 @@ async def state(ctx: ApiContext) -> list[Metric]:
         )
         for model in sorted(set(served) | {beat.model for beat in beats}):
             workers.add_metric([model], sum(1 for beat in beats if beat.model == model))
-        families.append(workers)
+        families += [workers, _throttled_family(refused)]
     return [*families, up]
+
+
+def _project_families(
+    names: list[str],
+    served: list[str],
+    live: dict[tuple[str, str, str, str], int],
+    tokens: dict[tuple[str, str], tuple[int, int, int]],
+) -> list[Metric]:
+    """Per project and model: jobs queued and running (zeros too, for every project and served
+    model: a series that vanishes reads as missing, not as none), and the last hour's tokens."""
+    jobs = GaugeMetricFamily(
+        "ferry_project_jobs",
+        "Jobs queued and running per project and model; kind: interactive or batch.",
+        labels=["project", "model", "kind", "status"],
+    )
+    keys = {
+        (project, model, kind, status.value)
+        for project in {*names, *(k[0] for k in live)}
+        for model in served
+        for kind in dashboard.KINDS
+        for status in dashboard.LIVE
+    } | set(live)
+    for key in sorted(keys):
+        jobs.add_metric(list(key), live.get(key, 0))
+    used = GaugeMetricFamily(
+        "ferry_project_tokens_last_hour",
+        "Tokens of the jobs that succeeded in the last hour, per project and model, from the "
+        "jobs' own usage (as the Usage API sums it); type: prompt, completion, cached.",
+        labels=["project", "model", "type"],
+    )
+    for (project, model), counts in sorted(tokens.items()):
+        for kind, n in zip(dashboard.TOKEN_KINDS, counts, strict=True):
+            used.add_metric([project, model, kind], n)
+    return [jobs, used]
+
+
+def _throttled_family(refused: throttled.Throttled) -> Metric:
+    """Requests refused by a project's limits, counted in Redis: every API process's refusals,
+    so every process reports the same."""
+    family = CounterMetricFamily(
+        "ferry_project_requests_throttled",
+        "Requests refused by a project's limits, per project, model and limit (rpm, tpm, "
+        "max_concurrent: 429s; batch_queue_tokens: batches failed), across API processes.",
+        labels=["project", "model", "limit"],
+    )
+    for key, n in sorted(refused.total.items()):
+        family.add_metric(list(key), n)
+    return family
 
 
 def _batch_families(batches: list[dashboard.BatchProgress]) -> list[Metric]:

@@ -2,7 +2,8 @@
 
 A request of a project with limits on its model costs one Redis round trip before its job is
 stored: one Lua script checks requests per minute, tokens per minute and jobs at once together,
-and counts the request only if all three let it pass (a refused request costs nothing). When
+and counts the request only if all three let it pass (a refused request costs nothing but a
+count of refusals, api.throttled). When
 the job ends (every job's end is published, core.bus.JobDone), the process that admitted it
 releases its place and corrects its tokens to the engine's exact usage; the reconciler releases
 what a process that died could not (`sweep`). A project with no limits costs no trip at all.
@@ -19,6 +20,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from api import throttled
 from api.cache import TtlCache
 from core import project_limits
 from core.bus import JobDone
@@ -62,12 +64,16 @@ local function until_full(cap, l)
 end
 """
 
-# KEYS: requests bucket, tokens bucket, jobs in flight (hash id -> "estimate:admitted ms").
-# ARGV: window ms, rpm, tpm, max_concurrent (-1: none), estimated tokens, job id ('' only reads).
+# KEYS: requests bucket, tokens bucket, jobs in flight (hash id -> "estimate:admitted ms"), every
+# hash of jobs in flight, refusals counted (api.throttled).
+# ARGV: window ms, rpm, tpm, max_concurrent (-1: none), estimated tokens, job id ('' only reads),
+# the refusals' minute prefix, their field's start (project NUL model NUL).
 # Returns: refused ('' or requests, tokens, concurrent), wait ms, requests left, ms until the
 # requests bucket is full, tokens left, ms until the tokens bucket is full, jobs in flight.
+# A refusal is counted here, with the limit that refused it: counted once, whichever process.
 _ADMIT = (
     _LEVEL
+    + throttled.COUNT_LUA
     + """
 local rpm, tpm, most = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local cost, job = tonumber(ARGV[5]), ARGV[6]
@@ -88,6 +94,10 @@ if job ~= '' then
     redis.call('HSET', KEYS[3], job, cost .. ':' .. now)
     redis.call('SADD', KEYS[4], KEYS[3])
     running = running + 1
+  end
+  if refused ~= '' then
+    local named = {concurrent = 'max_concurrent', requests = 'rpm', tokens = 'tpm'}
+    count_refusal(KEYS[5], ARGV[7], ARGV[8] .. named[refused])
   end
 end
 return {refused, wait, math.floor(r), until_full(rpm, r), math.floor(k), until_full(tpm, k),
@@ -224,7 +234,16 @@ class RateLimiter:
         keys = [_key(project, model, w) for w in ("requests", "tokens", "jobs")]
         args = [WINDOW_MS, _arg(limits.rpm), _arg(limits.tpm), _arg(limits.max_concurrent)]
         try:
-            found = await self._admit(keys=[*keys, IN_FLIGHT_KEYS], args=[*args, estimate, job_id])
+            found = await self._admit(
+                keys=[*keys, IN_FLIGHT_KEYS, throttled.TOTALS_KEY],
+                args=[
+                    *args,
+                    estimate,
+                    job_id,
+                    throttled.MINUTE_PREFIX,
+                    throttled.field_of(project, model, ""),
+                ],
+            )
         except RedisError as exc:
             # Closed rather than open: a project's limits hold even while Redis is away.
             raise ServiceUnavailableError(

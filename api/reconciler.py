@@ -12,7 +12,8 @@ Every few seconds, in one API process at a time (a Postgres advisory lock decide
     send; a batch's jobs once the whole file is validated), or
   - the broker lost its data (a Redis restarted empty): the mark the sweep leaves in Redis,
     which goes with the queues, is gone, and every queued job's record is dropped, or
-  - its queue has delivered past it: a job of the same queue (model, interactive or batch) sent
+  - its queue has delivered past it: a job of the same queue (model, and interactive or a
+    project's batch work) sent
     more than the grace period after it has been claimed, running now or ended since the last
     sweeps. Queues are first in, first out, so its message is gone: held by a worker that died
     before claiming it (Kombu would deliver it again only after its visibility timeout), or sent
@@ -26,6 +27,8 @@ Every few seconds, in one API process at a time (a Postgres advisory lock decide
 - jobs counted against their project's limits that have ended, but that the API process which
   admitted them did not release (it died, or missed the notification), are released
   (api.rate_limits);
+- files past their expiry, stored completions past their project's retention and webhook
+  events 30 days old are deleted (api.retention);
 - the content of `store: false` jobs that ended FERRY_UNSTORED_PURGE_SECONDS ago is purged,
   delivered or not (nobody polled, cancelled, its client answered 503 or 504, an Idempotency-Key
   nobody retried): their request and result, a streamed one's chunks in Redis, and the
@@ -49,19 +52,23 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
+    case,
     func,
     literal,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from api import retention
 from api.batches.ingest import ingest
 from api.context import ApiContext, in_background
+from api.retention import Retained
 from core import handback
 from core.bus import stream_key
-from core.queue import BROKER_MARK_KEY, WorkerBeat, dispatch_async
+from core.queue import BROKER_MARK_KEY, Dispatch, WorkerBeat, dispatch_async
 from core.tables import Batch, BatchStatus, Job, JobStatus
 
 log = logging.getLogger(__name__)
@@ -85,6 +92,8 @@ class Sweep:
     given_up: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)
+    # Deleted as their retention said (api.retention).
+    retained: Retained = field(default_factory=Retained)
     # Jobs released from their project's limits by the sweep, not by the process that admitted
     # them (it died, or missed their end).
     released: int = 0
@@ -112,6 +121,15 @@ class Reconciler:
                 continue
             if done.purged:
                 log.info("reconciler: content of %d store:false jobs purged", len(done.purged))
+            retained = done.retained
+            if retained.files or retained.completions or retained.webhook_events:
+                log.info(
+                    "retention: %d expired files, %d stored completions and %d webhook events "
+                    "deleted",
+                    len(retained.files),
+                    len(retained.completions),
+                    retained.webhook_events,
+                )
             if done.requeued or done.given_up or done.resent:
                 log.warning(
                     "reconciler: %d jobs of lost workers requeued, %d failed, %d resent",
@@ -123,8 +141,10 @@ class Reconciler:
     async def sweep(self) -> Sweep:
         ctx = self.ctx
         done = Sweep()
-        # First, as it needs only Postgres: content is purged on time even while Redis is away.
+        # First, as they need only Postgres: content is purged, and expired files and stored
+        # completions deleted, on time even while Redis is away.
         await self._unstored_content(done)
+        done.retained = await retention.sweep(ctx.sessions)
         run_id = (await ctx.redis.info("server")).get("run_id")
         if run_id != self._broker_run:
             self._broker_run, self._broker_since = run_id, time.monotonic()
@@ -221,12 +241,12 @@ class Reconciler:
             lost = set(await session.scalars(_never_sent(grace)))
             # Every claim is seen: running now, or ended within two sweeps.
             recent = 2 * ctx.settings.reconcile_seconds
-            for model, batch, mark in await session.execute(_delivered_through(recent)):
-                passed = _passed(model, batch, mark - timedelta(seconds=grace))
+            for model, batch_project, mark in await session.execute(_delivered_through(recent)):
+                queue = _of_queue(batch_project)
+                passed = _passed(model, queue, mark - timedelta(seconds=grace))
                 lost.update(await session.scalars(passed))
             for model in idle:
-                for batch in (False, True):
-                    lost.update(await session.scalars(_passed(model, batch, _ago(grace))))
+                lost.update(await session.scalars(_passed(model, true(), _ago(grace))))
         if not lost:
             return
         async with ctx.sessions.begin() as session:
@@ -237,14 +257,10 @@ class Reconciler:
                     update(Job)
                     .where(Job.id == func.any(_ids(sorted(lost))), Job.status == JobStatus.queued)
                     .values(queued_at=func.now(), dispatched_at=None)
-                    .returning(Job.id, Job.model, Job.batch_id)
+                    .returning(Job.id, Job.model, Job.project, Job.batch_id)
                 )
             ).all()
-        await dispatch_async(
-            ctx.celery,
-            ctx.sessions,
-            [(job_id, model, batch_id is not None) for job_id, model, batch_id in resent],
-        )
+        await dispatch_async(ctx.celery, ctx.sessions, [Dispatch.of(*row) for row in resent])
         done.resent = [row[0] for row in resent]
 
 
@@ -283,28 +299,33 @@ def _never_sent(grace: float) -> Select:
 
 
 def _delivered_through(seconds: float) -> Select:
-    """Per queue (model, batch or not): the latest dispatch among jobs claimed from it since,
-    running now or ended within `seconds`."""
-    is_batch = Job.batch_id.is_not(None).label("batch")
+    """Per queue (model, and project for batch work): the latest dispatch among jobs claimed from
+    it since, running now or ended within `seconds`."""
+    batch_project = case((Job.batch_id.is_not(None), Job.project)).label("batch_project")
     return (
-        select(Job.model, is_batch, func.max(Job.dispatched_at))
+        select(Job.model, batch_project, func.max(Job.dispatched_at))
         .where(
             Job.started_at >= Job.dispatched_at,
             or_(Job.status == JobStatus.running, Job.finished_at > _ago(seconds)),
         )
-        .group_by(Job.model, is_batch)
+        .group_by(Job.model, batch_project)
     )
 
 
-def _passed(model: str, batch: bool, before: datetime | ColumnElement[datetime]) -> Select:
-    """Queued jobs of a queue sent before `before`."""
+def _of_queue(batch_project: str | None) -> ColumnElement[bool]:
+    """The jobs of one of a model's queues: the interactive one (None), or a project's batch
+    queue. Each is first in, first out."""
+    if batch_project is None:
+        return Job.batch_id.is_(None)
+    return and_(Job.batch_id.is_not(None), Job.project == batch_project)
+
+
+def _passed(model: str, queue: ColumnElement[bool], before: Any) -> Select:
+    """Queued jobs of a model's queue (or queues) sent before `before`."""
     return (
         select(Job.id)
         .where(
-            Job.status == JobStatus.queued,
-            Job.model == model,
-            Job.batch_id.is_not(None) if batch else Job.batch_id.is_(None),
-            Job.dispatched_at < before,
+            Job.status == JobStatus.queued, Job.model == model, queue, Job.dispatched_at < before
         )
         .limit(_MAX_CANDIDATES)
     )

@@ -21,22 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 from sqlalchemy import create_engine, text
 
-from bench.stack import Stack, run_batch
+from bench.stack import Stack, batch_line, run_batch
 
 MODEL = "fake-model"
 
 
 def line(i: int) -> dict:
-    return {
-        "custom_id": f"r{i}",
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": f"Request {i}"}],
-            "max_tokens": 8,
-        },
-    }
+    return batch_line(f"r{i}", MODEL, f"Request {i}")
 
 
 def start_workers(stack: Stack, count: int, first: int, seqs: int, delay: float) -> None:

@@ -14,15 +14,14 @@ import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.pool import NullPool
 
 from api.context import ApiContext
 from api.reconciler import Reconciler
 from api.waiter import JobWaiter
-from bench.stack import Stack
-from core.queue import dispatch_async, make_celery
+from bench.stack import Stack, scratch_database
+from core.queue import Dispatch, dispatch_async, make_celery
 from core.settings import ApiSettings
 
 MODEL = "bench-sweep-model"
@@ -65,7 +64,7 @@ async def sweeps(
         await reconciler.sweep()
         ids = await asyncio.to_thread(fill)
         started = time.perf_counter()
-        await dispatch_async(celery, ctx.sessions, [(job_id, MODEL, False) for job_id in ids])
+        await dispatch_async(celery, ctx.sessions, [Dispatch(job_id, MODEL) for job_id in ids])
         print(f"sent {len(ids):,} messages ({time.perf_counter() - started:.0f} s)")
         await asyncio.to_thread(vacuum)
         samples = []
@@ -86,11 +85,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
 
-    stack = Stack(database="ferry_bench_sweep", redis_db=12)
-    stack.reset()
-    db = create_engine(stack.database_url, poolclass=NullPool)
-    try:
-        stack.create_key("bench")
+    with scratch_database("ferry_bench_sweep", 12) as (stack, db, _):
 
         def fill() -> list[str]:
             with db.begin() as conn:
@@ -104,9 +99,6 @@ def main() -> None:
                 )
 
         samples = asyncio.run(sweeps(stack, fill, vacuum, args.rounds))
-    finally:
-        db.dispose()
-        stack.drop_database()
     print(
         f"reconciler sweep, {args.jobs:,} jobs queued: median "
         f"{statistics.median(samples) * 1000:.1f} ms over {len(samples)} sweeps "

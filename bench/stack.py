@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -118,6 +119,9 @@ class Stack:
             FERRY_DATABASE_URL=self.database_url,
             FERRY_REDIS_URL=self.redis_url,
             PYTHONUNBUFFERED="1",
+            # Webhook secrets are sealed with it; the tests' receivers listen on loopback.
+            FERRY_SECRET_KEY="ferry-test-stack-secret-key",
+            FERRY_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8,::1/128",
         )
         env.update(self.extra_env)
         env.update(more)
@@ -248,6 +252,38 @@ def running_stack(**kwargs) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
+
+
+@contextlib.contextmanager
+def scratch_database(database: str, redis_db: int) -> Iterator[tuple["Stack", Any, str]]:
+    """A reset stack with nothing started, an engine on its database, and a key "bench"; on
+    exit, whatever was started is stopped and the database dropped."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    stack = Stack(database=database, redis_db=redis_db)
+    stack.reset()
+    engine = create_engine(stack.database_url, poolclass=NullPool)
+    try:
+        yield stack, engine, stack.create_key("bench")
+    finally:
+        stack.stop()
+        engine.dispose()
+        stack.drop_database()
+
+
+def batch_line(custom_id: str, model: str, content: str, max_tokens: int = 8) -> dict:
+    """A batch input line asking `model` one chat completion."""
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+        },
+    }
 
 
 FINAL_BATCH_STATES = ("completed", "failed", "expired", "cancelled")

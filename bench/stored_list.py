@@ -10,10 +10,9 @@ import statistics
 import time
 
 import httpx
-from sqlalchemy import create_engine, text
-from sqlalchemy.pool import NullPool
+from sqlalchemy import text
 
-from bench.stack import Stack
+from bench.stack import scratch_database
 
 FILL = text(
     """
@@ -70,11 +69,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
 
-    stack = Stack(database="ferry_bench_list", redis_db=11)
-    stack.reset()
-    engine = create_engine(stack.database_url, poolclass=NullPool)
-    try:
-        key = stack.create_key("bench")
+    with scratch_database("ferry_bench_list", 11) as (stack, engine, key):
         with engine.connect() as conn:
             key_id = conn.execute(text("SELECT id FROM api_keys")).scalar_one()
         stack.start_api()
@@ -91,10 +86,6 @@ def main() -> None:
                 filled = size
                 timed(client, 10)  # warm-up
                 results[size] = timed(client, args.rounds)
-    finally:
-        stack.stop()
-        engine.dispose()
-        stack.drop_database()
 
     print("GET /v1/chat/completions?model=model-a&metadata[user]=u42&limit=20&order=desc")
     for size, (p50, p95) in results.items():

@@ -1,5 +1,5 @@
-"""The `ferry` command: serve the API, run a worker, migrate, prepare the model, manage keys
-and projects' limits."""
+"""The `ferry` command: serve the API, run a worker, migrate, prepare the model, manage keys,
+projects' limits and webhooks."""
 
 import argparse
 import sys
@@ -183,6 +183,63 @@ def cmd_projects_create(args: argparse.Namespace) -> None:
     print(f"created project {args.name} (no limits: `ferry projects limits` sets them)")
 
 
+def _weight(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("a weight is a whole number, at least 1")
+    return number
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# How long things are kept: `--completions-ttl` sets `completions_ttl_seconds`, and so on.
+_RETENTION = ("completions_ttl", "file_ttl", "batch_output_ttl")
+
+
+def _duration(value: str) -> int | str:
+    """Seconds, from `3600`, `90m`, `12h` or `30d`; 'none' (kept until deleted)."""
+    if value.lower() in (_NONE, "forever"):
+        return _NONE
+    unit = _UNITS.get(value[-1:].lower())
+    seconds = int(value[:-1] if unit else value) * (unit or 1)
+    if seconds < 3600:
+        raise argparse.ArgumentTypeError("at least an hour (3600, 60m, 1h), or 'none'")
+    return seconds
+
+
+def _duration_text(seconds: int | None) -> str:
+    if seconds is None:
+        return "none"
+    for unit in ("d", "h", "m"):
+        if seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def _settings_text(project) -> str:
+    kept = ", ".join(
+        f"{name.replace('_', '-')} {_duration_text(getattr(project, name + '_seconds'))}"
+        for name in _RETENTION
+    )
+    return f"weight {project.weight}, {kept}"
+
+
+def cmd_projects_set(args: argparse.Namespace) -> None:
+    from core.tables import Project
+
+    with _key_sessions().begin() as session:
+        project = session.get(Project, args.name, with_for_update=True)
+        if project is None:
+            sys.exit(f"no project {args.name}; `ferry projects create {args.name}` makes it")
+        if args.weight is not None:
+            project.weight = args.weight
+        for name in _RETENTION:
+            value = getattr(args, name)
+            if value is not None:
+                setattr(project, name + "_seconds", None if value == _NONE else value)
+        shown = f"{project.name}: {_settings_text(project)}"
+    print(shown)
+
+
 # What `--rpm none` (or any limit given as none) means: back to no limit.
 _NONE = "none"
 
@@ -253,7 +310,7 @@ def cmd_projects_show(args: argparse.Namespace) -> None:
                 .select_from(ApiKey)
                 .where(ApiKey.project == project.name, ApiKey.revoked_at.is_(None))
             )
-            print(f"{project.name}\tweight {project.weight}\t{keys} active keys")
+            print(f"{project.name}\t{keys} active keys\t{_settings_text(project)}")
             rows = session.scalars(
                 select(ProjectLimit)
                 .where(ProjectLimit.project == project.name)
@@ -294,7 +351,11 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--model-path", help="model folder (default: the prepared default model)")
     worker.add_argument("--max-num-seqs", type=int, help="requests held in the engine at once")
     worker.add_argument("--max-model-len", type=int, help="context length")
-    worker.add_argument("--dtype", help="weights' dtype (default: auto)")
+    worker.add_argument(
+        "--dtype",
+        help="weights' dtype: auto (the model's own), bfloat16, float16, float32 "
+        "(default: float32 on CPU builds, auto on GPUs)",
+    )
     worker.add_argument("--tensor-parallel-size", type=int, help="GPUs per engine")
     worker.add_argument("--gpu-memory-utilization", type=float, help="GPU memory share, 0..1")
     worker.add_argument("--kv-cache-gib", type=int, help="KV cache in GiB (CPU builds)")
@@ -351,8 +412,32 @@ def parser() -> argparse.ArgumentParser:
     )
     pcreate = projects.add_parser("create", help="create a project (with no limits)")
     pcreate.add_argument("name")
-    pcreate.add_argument("--weight", type=int, default=1, help="its share under fair-share")
+    weight_help = (
+        "its share of a model's batch work while other projects have some queued too "
+        "(default 1; a project of weight 2 gets twice the share of one of weight 1)"
+    )
+    pcreate.add_argument("--weight", type=_weight, default=1, help=weight_help)
     pcreate.set_defaults(func=cmd_projects_create)
+    pset = projects.add_parser(
+        "set",
+        help="change a project's weight and retention; each not given stays as it was",
+        description="Workers read a changed weight within 10 seconds. Durations: seconds, or "
+        "with a unit (90m, 12h, 30d), at least an hour; 'none' keeps until deleted (the "
+        "default).",
+    )
+    pset.add_argument("name")
+    pset.add_argument("--weight", type=_weight, help=weight_help)
+    for flag, what in (
+        ("--completions-ttl", "how long stored completions are kept after they are created"),
+        ("--file-ttl", "when uploads without `expires_after` expire, after their upload"),
+        (
+            "--batch-output-ttl",
+            "when batch output and error files expire, after they are written, for batches "
+            "created without `output_expires_after`",
+        ),
+    ):
+        pset.add_argument(flag, type=_duration, metavar="DURATION|none", help=what)
+    pset.set_defaults(func=cmd_projects_set)
     plimits = projects.add_parser(
         "limits",
         help="set a project's limits; each not given stays as it was, 'none' removes one",
@@ -377,6 +462,9 @@ def parser() -> argparse.ArgumentParser:
     from cli.batch import add_parser as add_batch_parser
 
     add_batch_parser(sub)
+    from cli.webhooks import add_parser as add_webhooks_parser
+
+    add_webhooks_parser(sub)
     return p
 
 

@@ -12,7 +12,7 @@ BatchChunk.
 """
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal, TypeVar
 
 JOB_DONE_CHANNEL = "ferry:jobs:done"
@@ -55,7 +55,9 @@ class JobDone:
         """The job's id, with its outcome as JSON if that fits in NOTIFIED_RESULT_MAX_BYTES."""
         if self.outcome is None:
             return self.job_id
-        message = json.dumps({"id": self.job_id, **asdict(self.outcome)})
+        # The fields as they are: asdict would deep-copy the response first.
+        outcome = {f.name: getattr(self.outcome, f.name) for f in fields(JobOutcome)}
+        message = json.dumps({"id": self.job_id, **outcome})
         return message if len(message) <= NOTIFIED_RESULT_MAX_BYTES else self.job_id
 
     @classmethod
@@ -77,7 +79,7 @@ class _Id:
     channel: ClassVar[str]
 
     def encode(self) -> str:
-        return next(iter(asdict(self).values()))
+        return getattr(self, fields(self)[0].name)
 
     @classmethod
     def decode(cls: type[IdT], raw: bytes | str) -> IdT:

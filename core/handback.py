@@ -59,13 +59,13 @@ def running_on(workers: list[str]) -> ColumnElement[bool]:
 def requeue(where: ColumnElement[bool], max_attempts: int) -> Update:
     """Put the retryable jobs among `where` back in the queue.
 
-    RETURNING id, model, batch_id: the caller sends them to their queues again.
+    RETURNING id, model, project, batch_id: the caller sends them to their queues again.
     """
     return (
         update(Job)
         .where(where, _retryable(max_attempts))
         .values(status=JobStatus.queued, worker=None, queued_at=func.now(), dispatched_at=None)
-        .returning(Job.id, Job.model, Job.batch_id)
+        .returning(Job.id, Job.model, Job.project, Job.batch_id)
     )
 
 
@@ -140,7 +140,7 @@ class Lost:
 
     def to_send(self) -> list[Dispatch]:
         """The requeued jobs, for core.queue to send again."""
-        return [(job_id, model, batch_id is not None) for job_id, model, batch_id in self.requeued]
+        return [Dispatch.of(*row) for row in self.requeued]
 
     def tell(self, pipe: Any) -> None:
         """Queue on a Redis pipeline (sync or asyncio) what the API and clients are told: a
@@ -151,6 +151,7 @@ class Lost:
             if stream:
                 add_to_stream(pipe, job_id, StreamError(error.envelope(), error.status_code))
             publish(pipe, JobDone(job_id))
-        batches = {b for _, _, b in self.requeued if b} | {b for _, b, _ in self.given_up if b}
+        requeued = {batch_id for *_, batch_id in self.requeued if batch_id}
+        batches = requeued | {b for _, b, _ in self.given_up if b}
         for batch_id in sorted(batches):
             publish(pipe, BatchProgress(batch_id))

@@ -101,4 +101,6 @@ def configure(level: str | int = "INFO", json: bool = True) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    # httpx tells of every request it sends at INFO: each webhook attempt, which Postgres records.
+    logging.getLogger("httpx").setLevel(logging.WARNING if root.level >= logging.INFO else 0)
     logging.captureWarnings(True)  # Python's warnings too, as lines of logger py.warnings

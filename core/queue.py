@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 from celery import Celery
@@ -25,9 +25,10 @@ from core.tables import Job
 T = TypeVar("T")
 
 CHAT_COMPLETION_TASK = "ferry.chat_completion"
-# A batch's jobs go BATCH_CHUNK ids per message (core.bus.BatchChunk) to their model's batch
-# queue, which a worker pulls from only while its engine has room for another chunk: a batch
-# spreads over every worker serving its model.
+# A batch's jobs go BATCH_CHUNK ids per message (core.bus.BatchChunk) to the batch queue of their
+# model and project, which a worker pulls from only while its engine has room for another chunk:
+# a batch spreads over every worker serving its model, and the projects with batch work queued
+# take turns by weight (workers.fair_share).
 BATCH_CHUNK = 32
 # Hash: worker id -> WorkerBeat JSON. A beat older than the TTL means the worker is gone.
 WORKERS_KEY = "ferry:workers"
@@ -36,18 +37,45 @@ BROKER_MARK_KEY = "ferry:broker:mark"
 # Dispatch records written per statement.
 _MARK_ROWS = 10_000
 
-# (job id, model, is batch work)
-Dispatch = tuple[str, str, bool]
+
+class Dispatch(NamedTuple):
+    """A job to send to its queue."""
+
+    job_id: str
+    model: str
+    # The project of the batch the job is a line of; None for an interactive job.
+    batch_project: str | None = None
+
+    @classmethod
+    def of(cls, job_id: str, model: str, project: str, batch_id: str | None) -> "Dispatch":
+        """From a job's row: (id, model, project, batch_id)."""
+        return cls(job_id, model, project if batch_id is not None else None)
 
 
 def queue_for(model: str) -> str:
-    """The Celery queue a model's jobs go to; every worker serving the model consumes it."""
+    """The Celery queue a model's interactive jobs go to; every worker serving it consumes it."""
     return f"ferry.model.{model}"
 
 
-def batch_queue_for(model: str) -> str:
-    """The queue of a model's batch chunks."""
-    return f"ferry.batch.{model}"
+def batch_queue_for(model: str, project: str) -> str:
+    """The queue of a project's batch chunks for a model."""
+    return f"ferry.batch.{model}|{project}"
+
+
+def batch_projects_key(model: str) -> str:
+    """Set: the projects whose batch queue for `model` may hold chunks. A sender adds the project
+    after each chunk it sends; a puller that finds the queue empty takes it out (FORGET_IF_EMPTY),
+    so a project is never out of the set while its queue holds a chunk."""
+    return f"ferry:batch-projects:{model}"
+
+
+# KEYS: the project's batch queue, batch_projects_key; ARGV: the project.
+FORGET_IF_EMPTY = """
+if redis.call('LLEN', KEYS[1]) == 0 then
+    return redis.call('SREM', KEYS[2], ARGV[1])
+end
+return 0
+"""
 
 
 def send_jobs(celery: Celery, jobs: Iterable[Dispatch]) -> list[str]:
@@ -55,32 +83,38 @@ def send_jobs(celery: Celery, jobs: Iterable[Dispatch]) -> list[str]:
 
     Interactive jobs go one per message (a Celery task); batch jobs BATCH_CHUNK per message.
     """
-    chunks: dict[str, list[str]] = {}
+    chunks: dict[tuple[str, str], list[str]] = {}
     sent: list[str] = []
     with celery.producer_or_acquire() as producer:
-        for job_id, model, batch in jobs:
+        for job_id, model, project in jobs:
             sent.append(job_id)
-            if not batch:
+            if project is None:
                 celery.send_task(
                     CHAT_COMPLETION_TASK, args=[job_id], queue=queue_for(model), producer=producer
                 )
                 continue
-            chunk = chunks.setdefault(model, [])
+            chunk = chunks.setdefault((model, project), [])
             chunk.append(job_id)
             if len(chunk) == BATCH_CHUNK:
-                _send_chunk(producer, model, chunk)
-                chunks[model] = []
-        for model, chunk in chunks.items():
+                _send_chunk(producer, model, project, chunk)
+                chunks[model, project] = []
+        for (model, project), chunk in chunks.items():
             if chunk:
-                _send_chunk(producer, model, chunk)
+                _send_chunk(producer, model, project, chunk)
     return sent
 
 
-def _send_chunk(producer: Any, model: str, ids: list[str]) -> None:
+def _send_chunk(producer: Any, model: str, project: str, ids: list[str]) -> None:
     # The default exchange routes by queue name; the batch puller reads the queue itself.
     producer.publish(
-        BatchChunk(ids).encode(), exchange="", routing_key=batch_queue_for(model), serializer="json"
+        BatchChunk(ids).encode(),
+        exchange="",
+        routing_key=batch_queue_for(model, project),
+        serializer="json",
     )
+    # After the chunk: a puller that finds the queue empty may take the project out before.
+    with producer.channel.conn_or_acquire() as client:
+        client.sadd(batch_projects_key(model), project)
 
 
 def mark_dispatched(ids: Sequence[str]) -> Update:

@@ -38,6 +38,23 @@ class CoreSettings(BaseSettings):
     shutdown_timeout_seconds: float = Field(default=30.0, ge=0)
     # Log lines as JSON objects (ts, level, logger, message, job_id, ...) or as plain text.
     log_format: Literal["json", "text"] = "json"
+    # Seals the webhook signing secrets kept in Postgres (core.webhooks): without it a database
+    # dump cannot sign. Needed to add webhook endpoints and to send events; no default (`make
+    # run` makes one, once, in the cache folder).
+    secret_key: SecretStr = SecretStr("")
+    # Networks (CIDRs, comma-separated) webhooks may be sent to although they are loopback,
+    # private, link-local or reserved, e.g. "10.0.0.0/8,127.0.0.0/8"; empty: none.
+    webhook_allowed_networks: str = ""
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        import ipaddress
+
+        for part in value.split(","):
+            if part.strip():
+                ipaddress.ip_network(part.strip(), strict=False)
+        return value
 
 
 class ApiSettings(CoreSettings):
@@ -101,7 +118,11 @@ class WorkerSettings(CoreSettings):
     # Requests the engine holds at once; also the number of task threads.
     max_num_seqs: int = Field(default=256, ge=1)
     max_model_len: int = Field(default=2048, ge=16)
-    dtype: str = "auto"
+    # Weights' dtype (auto: the model's own, bfloat16, float16, float32); empty picks by platform:
+    # float32 on CPU builds, whose bfloat16 kernels answer wrong on some hosts in one mode or the
+    # other (eager on Intel with AMX, compiled on AMD EPYC; bench/engine_modes.py), the model's
+    # own on GPUs.
+    dtype: str = ""
     tensor_parallel_size: int = Field(default=1, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     # KV cache size in GiB on CPU builds (vLLM's VLLM_CPU_KVCACHE_SPACE).

@@ -11,16 +11,18 @@ from sqlalchemy import (
     DateTime,
     Enum,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
     MetaData,
     String,
+    Text,
     false,
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -79,8 +81,19 @@ class Project(Base):
     __tablename__ = "projects"
 
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
-    # Its share when projects compete for the workers (a later fair-share scheduler's input).
+    # Its share of a model's batch work while other projects have some queued (workers.fair_share).
     weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # Retention (api.retention); None keeps until deleted. Stored completions go this long after
+    # they were created; files uploaded without `expires_after`, and a batch's output and error
+    # files when the batch gave no `output_expires_after`, expire this long after they were made.
+    completions_ttl_seconds: Mapped[int | None] = mapped_column(BigInteger)
+    file_ttl_seconds: Mapped[int | None] = mapped_column(BigInteger)
+    batch_output_ttl_seconds: Mapped[int | None] = mapped_column(BigInteger)
+    # The secret that signs its asynchronous completions' one-off callbacks (core.webhooks,
+    # sealed), and during a rotation the one before it, which signs too until the time given.
+    callback_secret_sealed: Mapped[str | None] = mapped_column(Text)
+    callback_previous_secret_sealed: Mapped[str | None] = mapped_column(Text)
+    callback_previous_secret_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now_column()
 
 
@@ -158,6 +171,16 @@ class StoredFile(Base):
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = _now_column()
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Past it the file answers 404; api.retention then deletes its bytes.
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index(
+            "ix_files_expires_at",
+            "expires_at",
+            postgresql_where=text("expires_at IS NOT NULL AND deleted_at IS NULL"),
+        ),
+    )
 
 
 class FileChunk(Base):
@@ -207,6 +230,9 @@ class Batch(Base):
     # Tokens its valid lines are estimated to use, by model, reserved against the project's
     # batch queue limit while it is in progress and released in proportion as its jobs end.
     queued_tokens: Mapped[dict[str, int] | None] = mapped_column(Json)
+    # Seconds after they are written that its output and error files expire (OpenAI's
+    # `output_expires_after`, or the project's setting when the batch was created).
+    output_expires_after: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = _now_column()
     in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -282,6 +308,10 @@ class Job(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Unix seconds of `created_at`, as the completion's `created` field.
     created: Mapped[int] = mapped_column(BigInteger)
+    # An asynchronous completion (`Prefer: respond-async`): when it ends, a trigger writes its
+    # webhook event (migration 0014), sent to its project's endpoints and to `callback_url`.
+    notify: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    callback_url: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_jobs_model_status", "model", "status"),
@@ -366,3 +396,99 @@ class Job(Base):
             postgresql_where=text("idempotency_key IS NOT NULL"),
         ),
     )
+
+
+class DeliveryStatus(enum.StrEnum):
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
+class WebhookEndpoint(Base):
+    """A URL a project's events are sent to, signed with its secret (sealed, core.webhooks)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    project: Mapped[str] = mapped_column(
+        ForeignKey("projects.name", ondelete="CASCADE"), index=True
+    )
+    url: Mapped[str] = mapped_column(Text)
+    # The event types it is sent; None: every type.
+    events: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    secret_sealed: Mapped[str] = mapped_column(Text)
+    # During a rotation, the secret before, which also signs until `previous_secret_until`.
+    previous_secret_sealed: Mapped[str | None] = mapped_column(Text)
+    previous_secret_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now_column()
+    # The circuit breaker: failed attempts in a row; while the circuit is open nothing is sent,
+    # then one delivery probes it.
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    circuit_open_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_failure_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookEvent(Base):
+    """An event as it is sent: OpenAI's envelope, written by a trigger (migration 0014) in the
+    transaction of the change it reports."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    project: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now_column()
+    payload: Mapped[dict[str, Any]] = mapped_column(Json)
+
+    __table_args__ = (Index("ix_webhook_events_created_at", "created_at"),)
+
+
+class WebhookDelivery(Base):
+    """The outbox: an event to send to one endpoint, or to a completion's own callback URL."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    event_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True
+    )
+    endpoint_id: Mapped[str | None] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True
+    )
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[DeliveryStatus] = mapped_column(
+        Enum(DeliveryStatus, native_enum=False, length=16, validate_strings=True),
+        default=DeliveryStatus.pending,
+        server_default="pending",
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime] = _now_column()
+    # A sender holds the delivery until then; past it, another may take it.
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now_column()
+
+    __table_args__ = (
+        Index(
+            "ix_webhook_deliveries_pending",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+
+
+class WebhookAttempt(Base):
+    """One try at a delivery: what the receiver answered (at most 1 KiB of it), or why not."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_body: Mapped[str | None] = mapped_column(Text)

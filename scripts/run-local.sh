@@ -14,6 +14,22 @@ EXIT_SELF_CHECK_FAILED=4
 STEADY_SECONDS=300
 MAX_DELAY=60
 
+# Webhook secrets are sealed with FERRY_SECRET_KEY: unless the environment or .env sets one, a
+# random one is made once and kept in the cache folder.
+secret_file="${FERRY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ferry}/secret-key"
+if [ -z "${FERRY_SECRET_KEY:-}" ] && ! grep -qs '^FERRY_SECRET_KEY=.' .env; then
+    if [ ! -s "$secret_file" ]; then
+        mkdir -p "$(dirname "$secret_file")"
+        (umask 077 && .venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))' \
+            >"$secret_file") || exit 1
+    fi
+    FERRY_SECRET_KEY=$(<"$secret_file")
+    export FERRY_SECRET_KEY
+    secret_line="    export FERRY_SECRET_KEY=\$(cat $secret_file)   # for \`ferry webhooks\`"
+else
+    secret_line=""
+fi
+
 key=$("$ferry" keys create "local $(date +%Y-%m-%dT%H:%M:%S)" | tail -n 1) || exit 1
 
 api=""
@@ -50,6 +66,7 @@ cat <<TXT
 
     export OPENAI_BASE_URL=http://127.0.0.1:$port/v1
     export OPENAI_API_KEY=$key
+$secret_line
 
   Ctrl-C stops both.
 

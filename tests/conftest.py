@@ -75,20 +75,12 @@ pytest_runtest_setup = pytest_runtest_call = _guard_pure
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    """A migrated test database, the API, and a worker that starts loading at once."""
+    """A migrated test database, the API, and a worker that starts loading at once, all on the
+    shipped settings (a test about one setting starts a process of its own with it)."""
     # FERRY_TEST_DATABASE / FERRY_TEST_REDIS_DB let two suites share one Postgres and Redis.
     stack = Stack(
         database=os.environ.get("FERRY_TEST_DATABASE", "ferry_test"),
         redis_db=int(os.environ.get("FERRY_TEST_REDIS_DB", "15")),
-        extra_env={
-            "FERRY_NO_WORKER_WAIT_SECONDS": "2",
-            # Faults are found and repaired within seconds rather than the defaults' half minute.
-            "FERRY_RECONCILE_SECONDS": "1",
-            "FERRY_REQUEUE_GRACE_SECONDS": "5",
-            "FERRY_WORKER_TTL_SECONDS": "6",
-            "FERRY_HEARTBEAT_SECONDS": "1",
-            "FERRY_SHUTDOWN_TIMEOUT_SECONDS": "8",
-        },
     )
     stack.reset()
     try:

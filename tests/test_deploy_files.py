@@ -22,12 +22,16 @@ SETTINGS = {
     f"FERRY_{name.upper()}" for cls in (ApiSettings, WorkerSettings) for name in cls.model_fields
 }
 # What .env must set for `docker compose up`: no default, no password anyone can guess.
-REQUIRED = {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH"}
-COMPOSE_ONLY = REQUIRED | {"FERRY_MODELS_DIR", "FLOWER_PORT"}
+REQUIRED = {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "FERRY_SECRET_KEY"}
+COMPOSE_ONLY = {name for name in REQUIRED if not name.startswith("FERRY_")} | {
+    "FERRY_MODELS_DIR",
+    "FLOWER_PORT",
+}
 SECRETS = {
     "POSTGRES_PASSWORD": "pgSecret1",
     "REDIS_PASSWORD": "redisSecret2",
     "FLOWER_BASIC_AUTH": "admin:flowerSecret3",
+    "FERRY_SECRET_KEY": "sealingSecret4",
 }
 COMPILERS = {"gcc", "g++", "clang", "cc", "c++", "build-essential", "make"}
 

@@ -1,4 +1,5 @@
-"""Batch work: chunks pulled from a model's batch queue while the engine has room for them."""
+"""Batch work: chunks pulled from a model's batch queues while the engine has room for them, the
+projects with work queued taking turns by weight (workers.fair_share)."""
 
 import concurrent.futures
 import logging
@@ -13,9 +14,10 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from core.bus import BatchChunk
-from core.queue import BATCH_CHUNK, batch_queue_for
+from core.queue import BATCH_CHUNK, FORGET_IF_EMPTY, batch_projects_key, batch_queue_for
 from workers import jobs, metrics, shaping
 from workers.engine import EngineDead
+from workers.fair_share import FairShare, Weights
 from workers.handback import die
 from workers.results import store_results
 from workers.runtime import Runtime, answering_for, app
@@ -78,7 +80,7 @@ def _ended(
 
 
 class BatchPuller(threading.Thread):
-    """Pulls batch chunks from the model's batch queue while the engine has room for them.
+    """Pulls batch chunks from the model's batch queues while the engine has room for them.
 
     A worker holds at most `room` batch jobs, so the chunks of a batch spread over every worker
     serving the model, and the engine stays full: a chunk is pulled as soon as room frees up,
@@ -97,6 +99,8 @@ class BatchPuller(threading.Thread):
         self.ended: queue.Queue[tuple[Chunk, str]] = queue.Queue()
         self.to_ack: queue.Queue[Any] = queue.Queue()
         self.chunks = 0
+        self.share = FairShare()
+        self.weights = Weights(rt.sessions)
         self.idle = threading.Event()
         self.finisher = threading.Thread(target=self._finish, name="batch-finisher", daemon=True)
 
@@ -105,7 +109,7 @@ class BatchPuller(threading.Thread):
         while True:
             try:
                 with app.connection_for_read() as conn:
-                    self._pull(conn.default_channel, batch_queue_for(self.rt.model))
+                    self._pull(conn.default_channel)
                 return
             except Exception as exc:
                 if self.rt.stopping.is_set() and self.chunks == 0:
@@ -114,7 +118,7 @@ class BatchPuller(threading.Thread):
                 log.warning("batch queue unavailable (%s); reconnecting", exc)
                 time.sleep(1)
 
-    def _pull(self, channel: Any, name: str) -> None:
+    def _pull(self, channel: Any) -> None:
         while True:
             self._ack()
             with self.changed:
@@ -127,11 +131,13 @@ class BatchPuller(threading.Thread):
                 if self.in_engine + BATCH_CHUNK > self.room:
                     self.changed.wait(0.2)
                     continue
-            message = channel.basic_get(name, no_ack=False)
-            if message is None:
+            turn = self._next_chunk(channel)
+            if turn is None:
                 self.rt.stopping.wait(0.1)
                 continue
+            project, weight, message = turn
             job_ids = BatchChunk.decode(message.decode()).job_ids
+            self.share.took(project, len(job_ids), weight)
             with self.changed:
                 # Counted up front: the chunk's jobs may end before start_chunk returns.
                 self.chunks += 1
@@ -150,6 +156,23 @@ class BatchPuller(threading.Thread):
                 if chunk is None:
                     self.chunks -= 1
                 self.changed.notify_all()
+
+    def _next_chunk(self, channel: Any) -> tuple[str, float, Any] | None:
+        """The project next in turn that has a chunk queued, its weight and the chunk; None if
+        no project has one."""
+        model = self.rt.model
+        key = batch_projects_key(model)
+        with channel.conn_or_acquire() as client:
+            queued = [p.decode() if isinstance(p, bytes) else p for p in client.smembers(key)]
+        weights = self.weights.of(queued)
+        for project in self.share.order(weights):
+            queue = batch_queue_for(model, project)
+            message = channel.basic_get(queue, no_ack=False)
+            if message is not None:
+                return project, weights[project], message
+            with channel.conn_or_acquire() as client:
+                client.eval(FORGET_IF_EMPTY, 2, queue, key, project)
+        return None
 
     def _job_ended(self, chunk: Chunk, job_id: str) -> None:
         self.ended.put((chunk, job_id))

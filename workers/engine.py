@@ -33,12 +33,19 @@ class EngineDead(Exception):
 
 
 def with_platform_defaults(settings: WorkerSettings) -> WorkerSettings:
-    """The settings with what they leave to the platform decided: eager on CPU builds."""
-    if settings.enforce_eager is not None:
+    """The settings with what they leave to the platform decided: eager float32 on CPU builds,
+    compiled with the model's own dtype on GPUs."""
+    if settings.enforce_eager is not None and settings.dtype:
         return settings
     from vllm.platforms import current_platform
 
-    return settings.model_copy(update={"enforce_eager": current_platform.is_cpu()})
+    cpu = current_platform.is_cpu()
+    decided: dict[str, object] = {}
+    if settings.enforce_eager is None:
+        decided["enforce_eager"] = cpu
+    if not settings.dtype:
+        decided["dtype"] = "float32" if cpu else "auto"
+    return settings.model_copy(update=decided)
 
 
 class EngineSettingsError(ValueError):

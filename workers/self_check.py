@@ -156,12 +156,12 @@ def explain(result: Result, settings: WorkerSettings) -> str:
         + (f", FERRY_ENGINE_ARGS={settings.engine_args!r}" if settings.engine_args else "")
         + ")."
     )
-    if not settings.enforce_eager and settings.dtype in ("auto", "bfloat16", "bf16"):
+    if settings.dtype in ("auto", "bfloat16", "bf16"):
         cause = (
-            "The likely cause is the engine's compiled kernels on this host: vLLM's CPU build "
-            "in compiled mode with bfloat16 answers wrong on some CPUs (seen on AMD EPYC with "
-            "avx512_bf16). Set FERRY_ENFORCE_EAGER=true (or FERRY_DTYPE=float32) and start the "
-            "worker again."
+            "The likely cause is the engine's bfloat16 kernels on this host: vLLM's CPU build "
+            "answers wrong with bfloat16 on some CPUs (compiled on AMD EPYC with avx512_bf16, "
+            "eager on Intel with AMX). Set FERRY_DTYPE=float32 (the default on CPU builds) "
+            "and start the worker again."
         )
     else:
         cause = (

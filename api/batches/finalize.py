@@ -106,6 +106,7 @@ async def finalize(ctx: ApiContext, batch_id: str) -> None:
             f"{batch_id}_output.jsonl",
             "batch_output",
             _output_lines(ctx, batch_id, errors=False),
+            batch.output_expires_after,
         )
         error = await files.write_lines(
             session,
@@ -114,6 +115,7 @@ async def finalize(ctx: ApiContext, batch_id: str) -> None:
             f"{batch_id}_error.jsonl",
             "batch_output",
             _output_lines(ctx, batch_id, errors=True),
+            batch.output_expires_after,
         )
         if batch.status == BatchStatus.cancelling:
             final, stamp = BatchStatus.cancelled, "cancelled_at"

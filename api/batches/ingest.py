@@ -18,14 +18,14 @@ from sqlalchemy import Text, bindparam, cast, delete, func, insert, select, upda
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api import files
+from api import files, throttled
 from api.batches.lines import Line, Served, read_lines
 from api.batches.service import WINDOWS
 from api.context import ApiContext
 from api.parsing import Parsers
 from core import project_limits
 from core.ids import new_id
-from core.queue import dispatch_async
+from core.queue import Dispatch, dispatch_async
 from core.tables import (
     Batch,
     BatchLineError,
@@ -152,20 +152,31 @@ async def _ingest(ctx: ApiContext, batch_id: str) -> None:
                 )
             )
     if refused is not None:
+        model, message = refused
         counts = {"lines": lines.lines, "invalid": lines.invalid}
-        await _fail(ctx, batch_id, "token_limit_exceeded", refused, counts=counts)
+        if await _fail(ctx, batch_id, "token_limit_exceeded", message, counts=counts):
+            await _count_refusal(ctx, batch.project, model)
         return
     if started.rowcount:
-        await _dispatch(ctx, lines.by_model)
+        await _dispatch(ctx, lines.project, lines.by_model)
     else:
         await _cancelled_while_validating(ctx, batch_id, lines.lines, lines.invalid)
 
 
+async def _count_refusal(ctx: ApiContext, project: str, model: str) -> None:
+    """Count a batch refused by its project's batch queue limit among the project's refusals."""
+    try:
+        await throttled.count(ctx.redis, project, model, "batch_queue_tokens")
+    except Exception as exc:
+        # The batch has failed as it should; only the figure misses it.
+        log.warning("could not count batch refused on %s for %s: %s", model, project, exc)
+
+
 async def _over_queue_limit(
     session: AsyncSession, batch: Batch, tokens: dict[str, int]
-) -> str | None:
-    """Why the batch does not fit in its project's batch queue (its estimate on a model past
-    what the project's batches in progress leave of the limit), or None if it fits.
+) -> tuple[str, str] | None:
+    """The model on which the batch does not fit in its project's batch queue (its estimate past
+    what the project's batches in progress leave of the limit) and why, or None if it fits.
 
     The project's row stays locked until the caller's transaction ends, in which the batch,
     if it fits, starts holding its tokens: two batches of a project never both take the last
@@ -199,7 +210,7 @@ async def _over_queue_limit(
     for model, most in sorted(limited.items()):
         in_use = project_limits.batch_tokens_in_use(others, model)
         if in_use + tokens[model] > most:
-            return project_limits.batch_queue_refused(
+            return model, project_limits.batch_queue_refused(
                 model, batch.project, most, in_use, tokens[model]
             )
     return None
@@ -343,12 +354,12 @@ class Lines:
         return jobs, errors, False
 
 
-async def _dispatch(ctx: ApiContext, by_model: dict[str, list[str]]) -> None:
-    """Send the jobs to their models' batch queues, BATCH_CHUNK ids per message.
+async def _dispatch(ctx: ApiContext, project: str, by_model: dict[str, list[str]]) -> None:
+    """Send the jobs to the project's batch queues of their models, BATCH_CHUNK ids per message.
 
     Should this fail (or the process die first), the reconciler sends them.
     """
-    jobs = [(job_id, model, True) for model, ids in by_model.items() for job_id in ids]
+    jobs = [Dispatch(job_id, model, project) for model, ids in by_model.items() for job_id in ids]
     try:
         await dispatch_async(ctx.celery, ctx.sessions, jobs)
     except Exception as exc:
@@ -373,8 +384,9 @@ async def _fail(
     message: str,
     data: list[dict[str, Any]] | None = None,
     counts: dict[str, int] | None = None,
-) -> None:
-    """Fail a batch still validating (one cancelled meanwhile stays cancelled)."""
+) -> bool:
+    """Fail a batch still validating (one cancelled meanwhile stays cancelled); whether it
+    failed here."""
     errors = {
         "object": "list",
         "data": data or [{"code": code, "message": message, "param": None, "line": None}],
@@ -395,3 +407,4 @@ async def _fail(
         if failed.rowcount:
             # Jobs of lines read before it failed: none was sent, and none will be.
             await session.execute(delete(Job).where(Job.batch_id == batch_id))
+    return bool(failed.rowcount)

@@ -15,9 +15,9 @@ from api.pagination import ListQuery, keyset
 from core.bus import BatchProgress, JobCancel, publish
 from core.errors import ConflictError, InvalidRequestError, NotFoundError, error_envelope
 from core.ids import new_id
-from core.tables import ApiKey, Batch, BatchStatus, Job, JobStatus
+from core.tables import ApiKey, Batch, BatchStatus, Job, JobStatus, Project
 from core.validation import check_metadata
-from core.wire.resources import BatchList, BatchObject
+from core.wire.resources import BatchList, BatchObject, ExpiresAfter
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,10 @@ async def create(
     endpoint: str,
     completion_window: str,
     metadata: dict[str, str] | None,
+    output_expires_after: ExpiresAfter | None = None,
 ) -> Batch:
-    """A new batch, validating; its lines are read by `ingest`."""
+    """A new batch, validating; its lines are read by `ingest`. Its output and error files
+    expire as `output_expires_after` says, or else as its project's `batch_output_ttl_seconds`."""
     if endpoint != ENDPOINT:
         raise InvalidRequestError(
             f"Invalid value: '{endpoint}'. Supported values are: '{ENDPOINT}'.",
@@ -51,6 +53,12 @@ async def create(
         raise InvalidRequestError(
             f"File {file.id} has purpose '{file.purpose}', not 'batch'.", param="input_file_id"
         )
+    if output_expires_after is not None:
+        keep = output_expires_after.seconds
+    else:
+        keep = await session.scalar(
+            select(Project.batch_output_ttl_seconds).where(Project.name == key.project)
+        )
     batch = Batch(
         id=new_id("batch"),
         project=key.project,
@@ -60,6 +68,7 @@ async def create(
         completion_window=completion_window,
         status=BatchStatus.validating,
         metadata_=metadata,
+        output_expires_after=keep,
     )
     session.add(batch)
     await session.commit()

@@ -8,7 +8,7 @@ from api.context import in_background
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
 from api.pagination import ListQuery, list_query
-from core.wire.resources import BatchList, BatchObject
+from core.wire.resources import BatchList, BatchObject, ExpiresAfter
 
 router = APIRouter(prefix="/v1", tags=["batches"])
 
@@ -25,9 +25,12 @@ async def create_batch(
     endpoint: Annotated[str, Body()],
     completion_window: Annotated[str, Body()],
     metadata: Annotated[dict[str, str] | None, Body()] = None,
+    output_expires_after: Annotated[ExpiresAfter | None, Body()] = None,
 ) -> BatchObject:
     """Creates a batch from an uploaded JSONL file; it is validated line by line, then run."""
-    batch = await batches.create(session, key, input_file_id, endpoint, completion_window, metadata)
+    batch = await batches.create(
+        session, key, input_file_id, endpoint, completion_window, metadata, output_expires_after
+    )
     in_background(ingest(ctx, batch.id))
     return BatchObject.of(batch)
 

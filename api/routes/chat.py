@@ -4,7 +4,7 @@ from fastapi import APIRouter, BackgroundTasks, Body, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from api import completions, stored
+from api import callbacks, completions, stored
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES, RATE_LIMITED
 from api.pagination import ListQuery, list_query
@@ -61,6 +61,7 @@ async def create_chat_completion(
     ctx: ContextDep,
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    ferry_callback_url: Annotated[str | None, Header(max_length=2048)] = None,
 ):
     """Creates a model response for the given chat conversation."""
     respond_async = "respond-async" in (prefer or "")
@@ -68,8 +69,18 @@ async def create_chat_completion(
         raise InvalidRequestError(
             "A streamed request cannot also ask for 'Prefer: respond-async'.", param="stream"
         )
+    if ferry_callback_url is not None:
+        await callbacks.check(session, key, ferry_callback_url, respond_async, ctx.settings)
     job, replayed, limit_headers = await completions.submit(
-        session, key, body, idempotency_key, ctx.lookups, ctx.settings, ctx.limiter
+        session,
+        key,
+        body,
+        idempotency_key,
+        ctx.lookups,
+        ctx.settings,
+        ctx.limiter,
+        notify=respond_async,
+        callback_url=ferry_callback_url,
     )
     if replayed and body.stream:
         raise InvalidRequestError(

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse
 
-from api import dashboard
+from api import dashboard, throttled
 from api.deps import ApiKeyDep, ContextDep, SessionDep
 from api.errors import ERROR_RESPONSES
 from api.headers import page_policy
@@ -30,33 +30,58 @@ async def dashboard_page() -> HTMLResponse:
     )
 
 
-@router.get("/v1/dashboard/workers", responses=ERROR_RESPONSES)
-async def dashboard_workers(key: ApiKeyDep, ctx: ContextDep, session: SessionDep) -> dict[str, Any]:
+@router.get(
+    "/v1/dashboard/workers",
+    response_model=dashboard.WorkersView,
+    # Each scope's own fields: no `workers: null` for a project's key.
+    response_model_exclude_unset=True,
+    responses=ERROR_RESPONSES,
+)
+async def dashboard_workers(
+    key: ApiKeyDep, ctx: ContextDep, session: SessionDep
+) -> dashboard.WorkersView:
     """Per model, its live workers and its queue: the key's project's queued and running jobs
     (`scope: project`), or every project's with the workers themselves (host, pid, self-check,
     running jobs) for an admin key (`scope: fleet`); and the models whose workers refused to
-    serve in the last hour because their engine failed its self-check."""
+    serve in the last hour because their engine failed its self-check. `projects`: per project
+    (the key's own only, or every one for an admin key), its jobs queued and running, its tokens
+    used in the last hour and its requests refused by its limits."""
     beats = await ctx.live_workers()
     refused = await ctx.failed_checks()
+    throttled_now = await throttled.read(ctx.redis)
     if not key.admin:
         counts = await dashboard.job_counts(session, dashboard.LIVE, project=key.project)
-        return {
-            "object": "dashboard.workers",
-            "scope": "project",
-            "project": key.project,
-            "models": dashboard.models_view(beats, counts),
-            "refused": [dashboard.refused_model_view(f) for f in refused],
-        }
+        projects = dashboard.projects_view(
+            [key.project],
+            await dashboard.project_jobs(session, key.project),
+            await dashboard.project_tokens(session, key.project),
+            throttled_now.of(key.project),
+        )
+        return dashboard.WorkersView(
+            object="dashboard.workers",
+            scope="project",
+            project=key.project,
+            models=dashboard.models_view(beats, counts),
+            refused=[dashboard.refused_model_view(f) for f in refused],
+            projects=projects,
+        )
     running = await dashboard.running_per_worker(session)
     counts = await dashboard.job_counts(session, dashboard.LIVE)
+    projects = dashboard.projects_view(
+        await dashboard.project_names(session),
+        await dashboard.project_jobs(session),
+        await dashboard.project_tokens(session),
+        throttled_now,
+    )
     beats.sort(key=lambda beat: (beat.model, beat.worker_id))
-    return {
-        "object": "dashboard.workers",
-        "scope": "fleet",
-        "workers": [dashboard.worker_view(b, running.get(b.worker_id, 0)) for b in beats],
-        "models": dashboard.models_view(beats, counts),
-        "refused": [dashboard.failed_check_view(f) for f in refused],
-    }
+    return dashboard.WorkersView(
+        object="dashboard.workers",
+        scope="fleet",
+        workers=[dashboard.worker_view(b, running.get(b.worker_id, 0)) for b in beats],
+        models=dashboard.models_view(beats, counts),
+        refused=[dashboard.failed_check_view(f) for f in refused],
+        projects=projects,
+    )
 
 
 @router.get("/v1/dashboard/batches", responses=ERROR_RESPONSES)
@@ -81,3 +106,13 @@ async def dashboard_throughput(
         "scope": "fleet" if key.admin else "project",
         **await dashboard.throughput(session, minutes, bucket, project=project),
     }
+
+
+@router.get(
+    "/v1/dashboard/webhooks", response_model=dashboard.WebhooksView, responses=ERROR_RESPONSES
+)
+async def dashboard_webhooks(key: ApiKeyDep, session: SessionDep) -> dashboard.WebhooksView:
+    """Webhook endpoints whose circuit is open or that failed in the last hour, the age of the
+    oldest event not yet delivered and the open circuits: the key's project's, or every
+    project's for an admin key."""
+    return await dashboard.webhooks_view(session, None if key.admin else key.project)

@@ -27,9 +27,14 @@ async def create_file(
     ctx: ContextDep,
     file: Annotated[UploadFile, File()],
     purpose: Annotated[str, Form()],
+    anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
+    seconds: Annotated[str | None, Form(alias="expires_after[seconds]")] = None,
 ) -> FileObject:
     """Uploads a file (JSON Lines for batches, up to 200 MiB unless configured otherwise)."""
-    upload = await files.upload(ctx.sessions, key, file, purpose, ctx.settings.max_upload_bytes)
+    expires_after = files.expires_after(anchor, seconds)
+    upload = await files.upload(
+        ctx.sessions, key, file, purpose, ctx.settings.max_upload_bytes, expires_after
+    )
     return FileObject.of(upload)
 
 

@@ -22,8 +22,9 @@ router = APIRouter(tags=["metrics"])
 async def prometheus_metrics(
     request: Request, ctx: ContextDep, accept: Annotated[str | None, Header()] = None
 ) -> Response:
-    """Prometheus metrics: HTTP traffic, jobs, queue depth, batch progress, live workers. The
-    scraper sends FERRY_METRICS_TOKEN as a bearer token; with none set, every scrape is 401."""
+    """Prometheus metrics: HTTP traffic, jobs, queue depth, batch progress, live workers, and
+    per project its jobs queued and running, tokens used and requests throttled. The scraper
+    sends FERRY_METRICS_TOKEN as a bearer token; with none set, every scrape is 401."""
     # Read here rather than declared: OpenAPI states it through the security scheme.
     try:
         metrics.check_scrape_token(ctx.settings, request.headers.get("authorization"))

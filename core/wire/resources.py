@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar, cast
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from core.tables import Batch, BatchStatus, Job, JobStatus, StoredFile
 from core.wire.requests import Role
@@ -143,6 +143,16 @@ class ChatCompletionMessageList(CursorPage[StoredMessage]):
 FilePurpose = Literal["batch", "batch_output"]
 
 
+class ExpiresAfter(BaseModel):
+    """`FileExpirationAfter` (a file upload's `expires_after`) and `BatchFileExpirationAfter` (a
+    batch's `output_expires_after`): the file expires `seconds` after it was created."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2592000)
+
+
 class FileObject(Sparse):
     """`OpenAIFile`."""
 
@@ -164,6 +174,7 @@ class FileObject(Sparse):
             id=file.id,
             bytes=file.bytes,
             created_at=int(file.created_at.timestamp()),
+            expires_at=_unix(file.expires_at),
             filename=file.filename,
             purpose=cast(FilePurpose, file.purpose),
             status="processed",

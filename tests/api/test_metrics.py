@@ -12,16 +12,35 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Engine, text
 
 from api.metrics import check_scrape_token
 from bench.stack import Stack, free_port
 from core.errors import AuthenticationError
 from core.settings import ApiSettings
+from tests.api.test_project_limits import LONG, set_limits
+from tests.api.test_project_limits import project as limited_project
 from tests.conftest import MODEL
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 TOKEN = f"scrape-{secrets.token_urlsafe(16)}"
+# Every label Ferry's own metrics on the API may have: never a key, a batch or a job.
+LABELS = {
+    "method",
+    "route",
+    "status",
+    "le",
+    "model",
+    "state",
+    "source",
+    "project",
+    "kind",
+    "type",
+    "limit",
+    # Webhook deliveries' outcome: delivered, failed_attempt, refused, gave_up.
+    "outcome",
+}
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +177,13 @@ def test_api_metrics_while_a_batch_runs(live_worker: Stack, scraped: str, api_ke
     def listed() -> bool:
         in_progress = client.batches.retrieve(batch.id).status == "in_progress"
         text = fetch(url).text
-        # Batches are summed per model: no batch id (nor project) is in any label.
+        # Batches are summed per model: no batch id (nor key) is in any label.
         assert batch.id not in text
-        assert 'batch_id="' not in text and "project=" not in text
         samples = parse(text)
+        ours = {
+            name for metric, labels in samples if metric.startswith("ferry_") for name, _ in labels
+        }
+        assert ours <= LABELS, ours - LABELS
         # Others' batches not yet ended may count too.
         total = value(samples, "ferry_batch_requests", model=MODEL, state="total") or 0
         if total < 20 or not in_progress:
@@ -265,3 +287,210 @@ def test_worker_metric_helpers() -> None:
     assert read("ferry_worker_engine_errors_total") == before["errors"] + 1
     metrics.serve(0, model=MODEL, worker_id="w")  # 0: nothing served, the info is set
     assert read("ferry_worker_info", model=MODEL, worker_id="w") == 1
+
+
+def project_figures(client: httpx.Client) -> list[dict]:
+    """The dashboard's per-project rows, as `client`'s key sees them."""
+    answer = client.get("/v1/dashboard/workers")
+    assert answer.status_code == 200, answer.text
+    return answer.json()["projects"]
+
+
+def live_jobs(db: Engine, name: str) -> dict[tuple[str, str], int]:
+    """The project's jobs queued and running, per (kind, status), from the jobs table."""
+    with db.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT CASE WHEN batch_id IS NULL THEN 'interactive' ELSE 'batch' END, status,"
+                " count(*) FROM jobs WHERE project = :p AND status IN ('queued', 'running')"
+                " GROUP BY 1, 2"
+            ),
+            {"p": name},
+        )
+        return {(kind, status): n for kind, status, n in rows}
+
+
+def used_tokens(db: Engine, name: str) -> tuple[int, int, int]:
+    """The sums of the project's jobs' own usage: prompt, completion, cached."""
+    with db.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),"
+                " coalesce(sum(cached_tokens), 0) FROM jobs"
+                " WHERE project = :p AND status = 'succeeded'"
+            ),
+            {"p": name},
+        ).one()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+@pytest.mark.e2e
+def test_each_projects_jobs_tokens_and_refusals(
+    live_worker: Stack, scraped: str, db: Engine, api_key: str
+) -> None:
+    name, key = limited_project(live_worker, rpm="1")
+    admin_key = (
+        live_worker.ferry("keys", "create", "seen-admin", "--admin").strip().splitlines()[-1]
+    )
+    hi = [{"role": "user", "content": "Say hi."}]
+    # Sent to the suite's API process, read through another one: refusals are counted in Redis,
+    # so every process shows all of them.
+    client = openai.OpenAI(base_url=f"{live_worker.base_url}/v1", api_key=key, max_retries=0)
+    done = client.chat.completions.create(model=MODEL, messages=hi, max_tokens=4)
+    assert done.usage is not None
+    for _ in range(3):
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model=MODEL, messages=hi, max_tokens=4)
+    url = f"{scraped}/metrics"
+    mine = httpx.Client(base_url=scraped, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    admin = httpx.Client(
+        base_url=scraped, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30
+    )
+    ids = f"chatcmpl-seen{time.time_ns()}"
+    running: str | None = None
+    try:
+        samples = scrape(url)
+        throttled = "ferry_project_requests_throttled_total"
+        assert value(samples, throttled, project=name, model=MODEL, limit="rpm") == 3
+        for limit in ("tpm", "max_concurrent", "batch_queue_tokens"):
+            assert value(samples, throttled, project=name, model=MODEL, limit=limit) is None
+        # The key's own row, and only it.
+        (row,) = project_figures(mine)
+        assert row["project"] == name
+        refusals = {"rpm": 3, "tpm": 0, "max_concurrent": 0, "batch_queue_tokens": 0, "all": 3}
+        assert row["throttled_last_hour"] == refusals
+        assert row["throttled_total"] == refusals
+        # Tokens: the sums of the project's jobs' usage, as the engine gave it.
+        prompt, completion, cached = used_tokens(db, name)
+        assert (prompt, completion) == (done.usage.prompt_tokens, done.usage.completion_tokens)
+        assert row["tokens_last_hour"] == {
+            "prompt": prompt,
+            "completion": completion,
+            "cached": cached,
+        }
+        tokens = "ferry_project_tokens_last_hour"
+        assert value(samples, tokens, project=name, model=MODEL, type="prompt") == prompt
+        assert value(samples, tokens, project=name, model=MODEL, type="completion") == completion
+        assert value(samples, tokens, project=name, model=MODEL, type="cached") == cached
+
+        # Jobs queued that nobody sends (left alone by the reconciler for an hour): 3
+        # interactive, and 2 lines of a batch in progress (which ends in an hour); and one
+        # running. As the jobs table has them, in /metrics and on the dashboard.
+        queue = (
+            "INSERT INTO jobs (id, project, api_key_id, model, status, store, attempts,"
+            " created, queued_at, batch_id, line_number)"
+            " SELECT :ids || :kind || n, k.project, k.id, :model, 'queued', false, 0,"
+            " extract(epoch from now())::bigint, now() + interval '1 hour', :batch, n"
+            " FROM (SELECT project, id FROM api_keys WHERE project = :p LIMIT 1) AS k,"
+            " generate_series(1, :count) AS n"
+        )
+        with db.begin() as conn:
+            for made in (
+                "INSERT INTO files (id, project, api_key_id, filename, purpose, bytes)"
+                " SELECT :ids, project, id, 'in.jsonl', 'batch', 0 FROM api_keys"
+                " WHERE project = :p LIMIT 1",
+                "INSERT INTO batches (id, project, api_key_id, endpoint, input_file_id,"
+                " completion_window, status, total, invalid, in_progress_at, expires_at)"
+                " SELECT :ids, project, id, '/v1/chat/completions', :ids, '24h',"
+                " 'in_progress', 2, 0, now() + interval '1 hour', now() + interval '1 hour'"
+                " FROM api_keys WHERE project = :p LIMIT 1",
+            ):
+                conn.execute(text(made), {"ids": f"{ids}-batch", "p": name})
+            for kind, batch, count in (("-i-", None, 3), ("-b-", f"{ids}-batch", 2)):
+                conn.execute(
+                    text(queue),
+                    {
+                        "ids": ids,
+                        "kind": kind,
+                        "model": MODEL,
+                        "p": name,
+                        "batch": batch,
+                        "count": count,
+                    },
+                )
+        set_limits(live_worker, name, rpm="none")
+        started = mine.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": LONG, "max_tokens": 1500},
+            headers={"Prefer": "respond-async"},
+        )
+        assert started.status_code == 202, started.text
+        running = started.json()["id"]
+        until("running", lambda: live_jobs(db, name).get(("interactive", "running")) == 1, 60)
+
+        def agree() -> bool:
+            # Read between two reads of the table that agree: the long job may end meanwhile.
+            before = live_jobs(db, name)
+            samples, (row,) = scrape(url), project_figures(mine)
+            if live_jobs(db, name) != before:
+                return False
+            for kind in ("interactive", "batch"):
+                for status in ("queued", "running"):
+                    n = before.get((kind, status), 0)
+                    labels = {"project": name, "model": MODEL, "kind": kind, "status": status}
+                    assert value(samples, "ferry_project_jobs", **labels) == n, (labels, before)
+                    assert row[status][kind] == n, (row, before)
+            return True
+
+        until("read while the jobs stood still", agree, 30)
+        assert live_jobs(db, name) == {
+            ("interactive", "queued"): 3,
+            ("interactive", "running"): 1,
+            ("batch", "queued"): 2,
+        }
+
+        # An admin key sees every project's row: this one and the suite's own.
+        with db.connect() as conn:
+            suite = conn.execute(
+                text("SELECT project FROM api_keys WHERE name = 'suite' LIMIT 1")
+            ).scalar_one()
+        everyone = {r["project"]: r for r in project_figures(admin)}
+        assert {name, suite} <= set(everyone)
+        assert everyone[name]["throttled_total"]["rpm"] == 3
+        assert everyone[name]["queued"] == {"interactive": 3, "batch": 2}
+        # The suite's key sees its own row only.
+        with httpx.Client(
+            base_url=scraped, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+        ) as own:
+            assert [r["project"] for r in project_figures(own)] == [suite]
+    finally:
+        if running is not None:
+            mine.post(f"/v1/chat/completions/{running}/cancel")
+        with db.begin() as conn:
+            conn.execute(text("DELETE FROM jobs WHERE id LIKE :ids"), {"ids": f"{ids}-%"})
+            conn.execute(text("DELETE FROM batches WHERE id = :id"), {"id": f"{ids}-batch"})
+            conn.execute(text("DELETE FROM files WHERE id = :id"), {"id": f"{ids}-batch"})
+        mine.close()
+        admin.close()
+
+
+def test_project_rows_sum_each_projects_models() -> None:
+    from api.dashboard import projects_view
+    from api.throttled import Throttled
+
+    jobs = {
+        ("a", "m1", "interactive", "queued"): 2,
+        ("a", "m2", "interactive", "queued"): 3,
+        ("a", "m1", "batch", "running"): 4,
+        ("b", "m1", "batch", "queued"): 1,
+    }
+    tokens = {("a", "m1"): (10, 20, 5), ("a", "m2"): (1, 2, 0), ("c", "m1"): (7, 0, 0)}
+    refused = Throttled(
+        total={("a", "m1", "rpm"): 4, ("a", "m2", "rpm"): 1, ("d", "m1", "batch_queue_tokens"): 2},
+        last_hour={("a", "m1", "rpm"): 2, ("a", "m1", "tpm"): 0},
+    )
+    rows = {row.project: row.model_dump() for row in projects_view(["e"], jobs, tokens, refused)}
+    # Created projects, and any other with figures.
+    assert list(rows) == ["a", "b", "c", "d", "e"]
+    a = rows["a"]
+    assert a["queued"] == {"interactive": 5, "batch": 0}
+    assert a["running"] == {"interactive": 0, "batch": 4}
+    assert a["tokens_last_hour"] == {"prompt": 11, "completion": 22, "cached": 5}
+    none = {"rpm": 0, "tpm": 0, "max_concurrent": 0, "batch_queue_tokens": 0, "all": 0}
+    assert a["throttled_total"] == none | {"rpm": 5, "all": 5}
+    assert a["throttled_last_hour"] == none | {"rpm": 2, "all": 2}
+    assert rows["d"]["throttled_total"] == none | {"batch_queue_tokens": 2, "all": 2}
+    assert rows["e"]["queued"] == rows["e"]["running"] == {"interactive": 0, "batch": 0}
+    assert rows["e"]["throttled_total"] == none
+    # One project's share of the refusals.
+    assert set(refused.of("a").total) == {("a", "m1", "rpm"), ("a", "m2", "rpm")}

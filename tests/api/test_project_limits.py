@@ -22,6 +22,7 @@ pytestmark = pytest.mark.e2e
 
 HI = [{"role": "user", "content": "Say hi."}]
 LONG = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
+NO_END = {"0": -100, "2": -100}
 RESET = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")
 HEADERS = {
     f"x-ratelimit-{what}-{kind}"
@@ -59,6 +60,16 @@ def project_jobs(db: Engine, name: str) -> int:
         return conn.execute(
             text("SELECT count(*) FROM jobs WHERE project = :p"), {"p": name}
         ).scalar_one()
+
+
+def throttled(client: httpx.Client) -> dict[str, int]:
+    """The key's project's requests refused by its limits so far, by limit, as the dashboard
+    shows them."""
+    answer = client.get("/v1/dashboard/workers")
+    assert answer.status_code == 200, answer.text
+    (row,) = answer.json()["projects"]
+    assert row["throttled_last_hour"] == row["throttled_total"]  # a new project
+    return row["throttled_total"]
 
 
 def limits_of(client: httpx.Client) -> dict:
@@ -177,6 +188,15 @@ def test_tokens_per_minute_count_the_estimate_then_the_usage(live_worker: Stack)
     assert caught.value.response.json()["error"]["message"].startswith("Request too large")
     assert "retry-after" not in caught.value.response.headers
     assert caught.value.response.headers["x-should-retry"] == "false"
+    # Both refusals counted, against tokens.
+    with raw(live_worker, key) as http:
+        assert throttled(http) == {
+            "rpm": 0,
+            "tpm": 2,
+            "max_concurrent": 0,
+            "batch_queue_tokens": 0,
+            "all": 2,
+        }
 
 
 def test_jobs_at_once_are_released_however_they_end(live_worker: Stack) -> None:
@@ -199,6 +219,13 @@ def test_jobs_at_once_are_released_however_they_end(live_worker: Stack) -> None:
         assert "queued or running at once" in refused.json()["error"]["message"]
         assert int(refused.headers["retry-after"]) >= 1
         assert limits_of(http)["concurrent"] == 1
+        assert throttled(http) == {
+            "rpm": 0,
+            "tpm": 0,
+            "max_concurrent": 1,
+            "batch_queue_tokens": 0,
+            "all": 1,
+        }
         # Cancelled: its place is free (the process that admitted it hears the end).
         cancel = http.post(f"/v1/chat/completions/{running.json()['id']}/cancel")
         assert cancel.status_code == 200
@@ -262,28 +289,42 @@ def test_batches_are_held_against_the_batch_queue_not_per_minute(live_worker: St
     assert error.message is not None
     assert error.message.startswith(f"Enqueued token limit reached for {MODEL} in project {name}")
     assert "Limit: 100 enqueued tokens" in error.message
+    needs = re.search(r"this batch needs ([\d,]+)", error.message)
+    assert needs is not None, error.message
+    prompt = int(needs[1].replace(",", "")) // 4 - 40  # each line: its prompt and max_tokens
 
     set_limits(live_worker, name, batch_queue_tokens="100000")
     with raw(live_worker, key) as http:
+        # The batch counts once among the project's refusals, named by the limit.
+        assert throttled(http)["batch_queue_tokens"] == throttled(http)["all"] == 1
         assert limits_of(http)["batch_queue"] == {"limit": 100000, "in_use": 0, "free": 100000}
+        # Lines that run for seconds (no end of text before 300 tokens): seen in progress.
+        running = [
+            line(f"r{i}", LONG[0]["content"], max_tokens=300, logit_bias=NO_END) for i in range(4)
+        ]
         batch = client.batches.create(
-            input_file_id=upload(client, lines).id,
+            input_file_id=upload(client, running).id,
             endpoint="/v1/chat/completions",
             completion_window="24h",
         )
         # While it runs it holds its estimate (or what its unfinished lines' share is).
         held = []
         while (now := client.batches.retrieve(batch.id)).status not in ("completed", "failed"):
-            held.append(limits_of(http)["batch_queue"]["in_use"])
-            time.sleep(0.2)
+            in_use = limits_of(http)["batch_queue"]["in_use"]
+            if client.batches.retrieve(batch.id).status == "in_progress":
+                held.append(in_use)
+            time.sleep(0.1)
         assert now.status == "completed"
         # Four lines though the project may send one request a minute.
         assert now.request_counts is not None and now.request_counts.completed == 4
-        assert any(0 < h <= 4 * 59 for h in held), held
+        # Each line holds its prompt and its 300 at most.
+        assert held and all(h <= 4 * (prompt + 300) for h in held), held
+        assert any(h > 0 for h in held), held
         # Released once it ended.
         assert limits_of(http)["batch_queue"]["in_use"] == 0
         # Its lines did not count against the minute: the one request still goes.
         client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
+        assert throttled(http)["all"] == 1
 
 
 def test_the_limits_endpoint_is_in_the_openapi_document(stack: Stack) -> None:

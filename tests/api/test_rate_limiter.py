@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import insert
 
+from api import throttled
 from api.cache import TtlCache
 from api.rate_limits import RateLimiter, _key
 from bench.stack import Stack
@@ -76,6 +77,10 @@ def test_a_refused_request_counts_against_nothing(database_url: str, broker: str
         assert usage.requests is not None and usage.requests.remaining == 1
         assert usage.tokens is not None and 10 <= usage.tokens.remaining < 12
         assert usage.in_flight == 2
+        # Counted once among the project's refusals, under the limit that refused it; reading
+        # the buckets counts nothing.
+        counted = (await throttled.read(limiter.redis)).of(key.project)
+        assert counted.total == counted.last_hour == {(key.project, MODEL, "tpm"): 1}
         await close(limiter)
 
     asyncio.run(scenario())

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import Engine, text
 
 from bench.stack import Stack
@@ -69,3 +70,26 @@ def test_db_upgrade_is_idempotent(stack: Stack, db: Engine):
     with db.connect() as conn:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
     assert version == head
+
+
+def test_projects_set_changes_weight_and_retention_and_refuses_what_cannot_be(
+    stack: Stack, db: Engine
+):
+    stack.ferry("projects", "create", "cli-settings")
+    out = stack.ferry(
+        "projects", "set", "cli-settings", "--weight", "3", "--completions-ttl", "30d",
+        "--file-ttl", "36h", "--batch-output-ttl", "7200",
+    )  # fmt: skip
+    assert "weight 3, completions-ttl 30d, file-ttl 36h, batch-output-ttl 2h" in out
+    with db.connect() as conn:
+        row = conn.execute(text("SELECT * FROM projects WHERE name = 'cli-settings'")).one()
+    assert (row.weight, row.completions_ttl_seconds) == (3, 30 * 86400)
+    assert (row.file_ttl_seconds, row.batch_output_ttl_seconds) == (36 * 3600, 7200)
+    # Each setting not given stays; 'none' keeps until deleted again.
+    out = stack.ferry("projects", "set", "cli-settings", "--file-ttl", "none")
+    assert "weight 3, completions-ttl 30d, file-ttl none, batch-output-ttl 2h" in out
+    for bad in (["--weight", "0"], ["--file-ttl", "59m"], ["--completions-ttl", "soon"]):
+        with pytest.raises(RuntimeError, match="usage"):
+            stack.ferry("projects", "set", "cli-settings", *bad)
+    with pytest.raises(RuntimeError, match="no project"):
+        stack.ferry("projects", "set", "cli-nobody", "--weight", "2")

@@ -18,6 +18,7 @@ from core.bus import (
     read_entry,
 )
 from core.handback import Lost
+from core.queue import Dispatch
 
 
 def test_a_small_result_rides_with_its_notification_and_a_large_one_does_not() -> None:
@@ -92,10 +93,11 @@ class _Pipe:
 def test_lost_jobs_tell_streams_waiters_and_batches() -> None:
     lost = Lost(
         given_up=[("chatcmpl-s", None, True), ("chatcmpl-b", "batch_1", False)],
-        requeued=[("chatcmpl-r", "m", "batch_2"), ("chatcmpl-i", "m", None)],
+        requeued=[("chatcmpl-r", "m", "p", "batch_2"), ("chatcmpl-i", "m", "p", None)],
         reason="The worker running this request was lost.",
     )
-    assert lost.to_send() == [("chatcmpl-r", "m", True), ("chatcmpl-i", "m", False)]
+    # A batch's line goes back to its project's batch queue, an interactive job to the model's.
+    assert lost.to_send() == [Dispatch("chatcmpl-r", "m", "p"), Dispatch("chatcmpl-i", "m")]
     pipe = _Pipe()
     lost.tell(pipe)
     xadd = next(call for call in pipe.calls if call[0] == "xadd")

@@ -150,6 +150,8 @@ def test_idempotent_retries_wait_without_a_connection(
         "messages": [{"role": "user", "content": "Write a very long essay about the sea."}],
         "max_tokens": 1500,
         "temperature": 1.0,
+        # No end of text: it runs its 1500 tokens, past the test, on a fast host too.
+        "logit_bias": {"0": -100, "2": -100},
     }
     first = http.post(
         "/v1/chat/completions",

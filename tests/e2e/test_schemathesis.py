@@ -24,16 +24,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from bench.stack import Stack
-from tests.fuzzing import (
-    URL,
-    Budget,
-    cap_chat_completions,
-    is_chat,
-    operations,
-    run_every_operation,
-    wait_until_ready,
-    walk_real_objects,
-)
+from tests import fuzzing
 
 pytestmark = pytest.mark.e2e
 
@@ -51,25 +42,25 @@ CHECKS = [
 ]
 
 
-def budget(operation: APIOperation) -> Budget:
-    return CHAT_EXAMPLES if is_chat(operation, URL) else EXAMPLES
+def budget(operation: APIOperation) -> fuzzing.Budget:
+    return CHAT_EXAMPLES if fuzzing.is_chat(operation, fuzzing.URL) else EXAMPLES
 
 
 @pytest.fixture(scope="module")
 def api_schema(live_worker: Stack, api_key: str) -> BaseSchema:
     """Ferry's OpenAPI document as the running API serves it, with the suite's key."""
-    wait_until_ready(live_worker.base_url)
+    fuzzing.wait_until_ready(live_worker.base_url)
     schema = schemathesis.openapi.from_url(f"{live_worker.base_url}/openapi.json")
     schema.config.update(headers={"Authorization": f"Bearer {api_key}"}, request_timeout=120)
-    cap_chat_completions(schema, URL)
+    fuzzing.cap_chat_completions(schema, fuzzing.URL)
     return schema
 
 
 def test_openapi_document_holds(api_schema: BaseSchema) -> None:
-    run = run_every_operation(api_schema, budget, CHECKS)
+    run = fuzzing.run_every_operation(api_schema, budget, CHECKS)
     assert not run.failures, run.report()
     print("schemathesis:", run.summary())
-    labels = {operation.label for operation in operations(api_schema)}
+    labels = {operation.label for operation in fuzzing.operations(api_schema)}
     assert set(run.calls) == labels, f"never called: {sorted(labels - set(run.calls))}"
     assert sum(run.calls.values()) >= MIN_EXAMPLES, dict(run.calls)
 
@@ -81,4 +72,4 @@ def test_real_objects_match_the_document(api_schema: BaseSchema, http: httpx.Cli
     def holds(method: str, template: str, response: httpx.Response) -> None:
         api_schema[template][method].validate_response(response)
 
-    walk_real_objects(http, holds)
+    fuzzing.walk_real_objects(http, holds)

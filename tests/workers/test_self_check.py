@@ -83,9 +83,13 @@ def test_the_check_asks_the_engine_and_judges_its_answers() -> None:
 
 
 def test_the_failure_message_names_the_cause_and_the_settings_to_change() -> None:
-    settings = WorkerSettings(dtype="bfloat16", enforce_eager=False)
     wrong = [(Check("What is the capital of France?", "Paris"), "L'Étoile, la femme")]
+    for eager in (True, False):
+        settings = WorkerSettings(dtype="bfloat16", enforce_eager=eager)
+        message = self_check.explain(self_check.Result(7, wrong, 1.0), settings)
+        assert "6 of 7" in message and "L'Étoile, la femme" in message
+        assert f"dtype=bfloat16, {'eager' if eager else 'compiled'}" in message
+        assert "bfloat16 kernels" in message and "FERRY_DTYPE=float32" in message
+    settings = WorkerSettings(dtype="float32", enforce_eager=False)
     message = self_check.explain(self_check.Result(7, wrong, 1.0), settings)
-    assert "6 of 7" in message and "L'Étoile, la femme" in message
-    assert "dtype=bfloat16, compiled" in message
-    assert "FERRY_ENFORCE_EAGER=true" in message and "FERRY_DTYPE=float32" in message
+    assert "FERRY_ENFORCE_EAGER=true" in message and "bfloat16 kernels" not in message
