@@ -41,7 +41,7 @@ CHANNEL = "ferry_webhooks"
 # Without a notification, how often the outbox is looked at.
 POLL_SECONDS = 5.0
 # How long a taken delivery is this process's: past the attempt's limit, with room to record it.
-LEASE_SECONDS = 60
+LEASE_SECONDS = 30
 # Deliveries in flight per endpoint (or callback URL) and in all, per API process.
 PER_ENDPOINT = 4
 MAX_IN_FLIGHT = 64

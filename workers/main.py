@@ -206,7 +206,10 @@ def check_engine(opened: Opened) -> self_check.Result | None:
         log.info("%s", result.summary())
         return result
     log.critical("%s", result.summary())
-    print(self_check.explain(result, settings), file=sys.stderr, flush=True)
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu() if settings.engine == "vllm" else False
+    print(self_check.explain(result, settings, on_cpu), file=sys.stderr, flush=True)
     opened.engine.close()
     raise SystemExit(self_check.EXIT_SELF_CHECK_FAILED)
 

@@ -144,8 +144,9 @@ def run(engine: LoopHost, model: str, checks: Sequence[Check]) -> Result:
     return Result(len(checks), failures(checks, answers), time.perf_counter() - started)
 
 
-def explain(result: Result, settings: WorkerSettings) -> str:
-    """The error a worker prints when its engine fails the check: what, why, and what to set."""
+def explain(result: Result, settings: WorkerSettings, on_cpu: bool = True) -> str:
+    """The error a worker prints when its engine fails the check: what, why, and what to set.
+    `on_cpu`: the engine is vLLM's CPU build, whose bfloat16 kernels answer wrong on some hosts."""
     wrong = "\n".join(
         f"  asked {c.prompt!r}, expected {c.expected!r}, got {a[:80]!r}" for c, a in result.wrong
     )
@@ -156,7 +157,7 @@ def explain(result: Result, settings: WorkerSettings) -> str:
         + (f", FERRY_ENGINE_ARGS={settings.engine_args!r}" if settings.engine_args else "")
         + ")."
     )
-    if settings.dtype in ("auto", "bfloat16", "bf16"):
+    if on_cpu and settings.dtype in ("auto", "bfloat16", "bf16"):
         cause = (
             "The likely cause is the engine's bfloat16 kernels on this host: vLLM's CPU build "
             "answers wrong with bfloat16 on some CPUs (compiled on AMD EPYC with avx512_bf16, "

@@ -298,9 +298,11 @@ def test_batches_are_held_against_the_batch_queue_not_per_minute(live_worker: St
         # The batch counts once among the project's refusals, named by the limit.
         assert throttled(http)["batch_queue_tokens"] == throttled(http)["all"] == 1
         assert limits_of(http)["batch_queue"] == {"limit": 100000, "in_use": 0, "free": 100000}
-        # Lines that run for seconds (no end of text before 300 tokens): seen in progress.
+        # Lines that run for seconds (no end of text before their max_tokens): seen in progress.
+        answer = 120
         running = [
-            line(f"r{i}", LONG[0]["content"], max_tokens=300, logit_bias=NO_END) for i in range(4)
+            line(f"r{i}", LONG[0]["content"], max_tokens=answer, logit_bias=NO_END)
+            for i in range(4)
         ]
         batch = client.batches.create(
             input_file_id=upload(client, running).id,
@@ -317,8 +319,8 @@ def test_batches_are_held_against_the_batch_queue_not_per_minute(live_worker: St
         assert now.status == "completed"
         # Four lines though the project may send one request a minute.
         assert now.request_counts is not None and now.request_counts.completed == 4
-        # Each line holds its prompt and its 300 at most.
-        assert held and all(h <= 4 * (prompt + 300) for h in held), held
+        # Each line holds its prompt and its max_tokens at most.
+        assert held and all(h <= 4 * (prompt + answer) for h in held), held
         assert any(h > 0 for h in held), held
         # Released once it ended.
         assert limits_of(http)["batch_queue"]["in_use"] == 0

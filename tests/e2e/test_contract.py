@@ -360,7 +360,14 @@ def test_tool_choice_required_and_named(client: openai.OpenAI) -> None:
 
 
 def test_tool_choice_none_answers_in_words(client: openai.OpenAI) -> None:
-    body = create(client, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="none", temperature=0)
+    body = create(
+        client,
+        messages=ASK_WEATHER,
+        tools=[WEATHER],
+        tool_choice="none",
+        temperature=0,
+        max_tokens=64,
+    )
     message = body["choices"][0]["message"]
     assert "tool_calls" not in message and message["content"]
     assert body["choices"][0]["finish_reason"] in ("stop", "length")

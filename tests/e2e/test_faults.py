@@ -27,6 +27,7 @@ from core.queue import BATCH_CHUNK
 from core.settings import WorkerSettings
 from tests.conftest import MODEL
 from tests.e2e.test_batches import line, read_jsonl, upload, wait_until
+from workers.parent_watch import WORKER_PID_ENV
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -37,6 +38,9 @@ COUNTING = [{"role": "user", "content": "Count from 1 to 2000, one number per li
 SPREAD = 2 * (WorkerSettings(_env_file=None).max_num_seqs + BATCH_CHUNK)
 # The end-of-text tokens banned: the answer runs to max_tokens, outlasting a shutdown timeout.
 NO_END = {"0": -100, "2": -100}
+# The SIGTERM test's long answer: at least three times the shutdown timeout (below) on this
+# machine's CPU engine (float32, two seqs on two shared cores: about 17 tokens/s).
+LONG = 600
 
 
 def lines(count: int, tag: str, max_tokens: int = 16) -> list[str]:
@@ -93,10 +97,10 @@ def alive(process: psutil.Process) -> str:
     with contextlib.suppress(psutil.Error, OSError):
         status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
         pending = " ".join(line for line in status if line.startswith(("SigPnd", "ShdPnd")))
-        mark = process.environ().get("FERRY_WORKER_PID")
+        mark = process.environ().get(WORKER_PID_ENV)
         return (
             f"{process.name()} (pid {process.pid}, ppid {process.ppid()}, {process.status()},"
-            f" {pending}, FERRY_WORKER_PID={mark})"
+            f" {pending}, {WORKER_PID_ENV}={mark})"
         )
     return f"pid {process.pid}"
 
@@ -437,7 +441,7 @@ def test_sigterm_lets_a_worker_finish_short_jobs_and_hand_back_long_ones(
     def ask_long() -> None:
         try:
             long_answer["completion"] = client.chat.completions.create(
-                model=MODEL, messages=COUNTING, max_tokens=1000, logit_bias=NO_END
+                model=MODEL, messages=COUNTING, max_tokens=LONG, logit_bias=NO_END
             )
         except openai.APIError as exc:
             long_answer["error"] = exc
@@ -500,4 +504,4 @@ def test_sigterm_lets_a_worker_finish_short_jobs_and_hand_back_long_ones(
         j=long_job,
     )
     assert job.status == "succeeded" and job.worker != holder_id and job.attempts == 2
-    assert job.completion_tokens == 1000  # all of it, from the start, on the other worker
+    assert job.completion_tokens == LONG  # all of it, from the start, on the other worker

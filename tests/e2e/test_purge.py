@@ -32,6 +32,8 @@ PURGE_SECONDS = 3
 URL = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Say hi."}]
 LONG = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+# An answer of some seconds (no end of text before its max_tokens; about 15 tokens/s here).
+OUTLASTS_A_SECOND = {"max_tokens": 80, "logit_bias": {"0": -100, "2": -100}}
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ def test_a_cancelled_job(purging: httpx.Client, db: Engine) -> None:
 
 
 def test_a_synchronous_request_answered_504(purging: httpx.Client, db: Engine) -> None:
-    body = {"model": MODEL, "messages": LONG, "max_tokens": 150, "temperature": 0}
+    body = {"model": MODEL, "messages": LONG, "temperature": 0, **OUTLASTS_A_SECOND}
     answer = purging.post(URL, json=body)
     error = assert_envelope(answer, 504, code="timeout")
     found = re.search(r"chatcmpl-[\w-]+", error["message"])
@@ -154,8 +156,8 @@ def test_a_synchronous_request_cut_off_by_a_shutdown_with_503(
             sdk.chat.completions.create,
             model=MODEL,
             messages=LONG,
-            max_tokens=150,
             temperature=0,
+            **OUTLASTS_A_SECOND,
             metadata={"purge": tag},
         )
         deadline = time.monotonic() + 30

@@ -93,3 +93,8 @@ def test_the_failure_message_names_the_cause_and_the_settings_to_change() -> Non
     settings = WorkerSettings(dtype="float32", enforce_eager=False)
     message = self_check.explain(self_check.Result(7, wrong, 1.0), settings)
     assert "FERRY_ENFORCE_EAGER=true" in message and "bfloat16 kernels" not in message
+    # On a GPU, the model's own dtype is not blamed on the CPU build's kernels.
+    settings = WorkerSettings(dtype="auto", enforce_eager=False)
+    message = self_check.explain(self_check.Result(7, wrong, 1.0), settings, on_cpu=False)
+    assert "bfloat16 kernels" not in message and "CPU build" not in message
+    assert "FERRY_DTYPE=float32" in message
