@@ -28,13 +28,13 @@ LEVELS = (1, 8, 32)
 
 @contextlib.contextmanager
 def vllm_server() -> Iterator[str]:
-    """vLLM's own OpenAI server with exactly the engine arguments a Ferry worker uses (the test
-    stack's: 64 sequences, eager mode; the default model's chat template and tool parser)."""
+    """vLLM's own OpenAI server with exactly the engine arguments a Ferry worker uses (as shipped,
+    decided for this platform; the default model's chat template and tool parser)."""
     from core.settings import WorkerSettings
     from workers.engine import engine_argv
     from workers.main import resolve_model
 
-    settings, path = resolve_model(WorkerSettings(max_num_seqs=64, enforce_eager=True))
+    settings, path = resolve_model(WorkerSettings())
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.cpu_kv_cache_gib)}
     ROOT.joinpath("test-artifacts").mkdir(exist_ok=True)

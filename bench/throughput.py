@@ -4,8 +4,10 @@ Run: `.venv/bin/python -m bench.throughput [--requests 256] [--max-tokens 64]`.
   (a) vLLM's offline `LLM.chat`, all requests in one call (engine start not timed);
   (b) vLLM's `run_batch` on the same JSONL (its wall time includes its engine start, reported
       alongside; the rate is also given without the engine start measured in (a));
-  (c) Ferry end to end: upload, batch, every result in Postgres, with one worker and the same
-      engine settings (from `batches.create` until the batch is completed).
+  (c) Ferry end to end: upload, batch, every result in Postgres, with one worker (from
+      `batches.create` until the batch is completed).
+All three run a worker's engine settings as shipped, decided for this platform (on a CPU build:
+float32, eager), and its KV cache.
 Prints output tokens/s of each and the ratios c/a and c/b.
 """
 
@@ -17,12 +19,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.stack import run_for_json
 from core.settings import DEFAULT_MODEL
 
+if TYPE_CHECKING:
+    from core.settings import WorkerSettings
+
 TOPICS = ["the sea", "a lighthouse", "a cat", "the moon", "a train", "a forest", "rain", "bread"]
-ENGINE = {"max_model_len": 2048, "max_num_seqs": 64, "enforce_eager": True}
+
+
+def engine_settings() -> tuple["WorkerSettings", str]:
+    """A worker's settings as shipped, completed for this platform, and the model's folder."""
+    from core.settings import WorkerSettings
+    from workers.main import resolve_model
+
+    return resolve_model(WorkerSettings())
 
 
 def requests(n: int, max_tokens: int) -> list[dict]:
@@ -52,8 +65,15 @@ def offline(path: str, n: int, max_tokens: int) -> None:
     """(a), in its own process: prints {"start": s, "seconds": s, "tokens": n}."""
     from vllm import LLM, SamplingParams
 
+    settings, _ = engine_settings()
     started = time.perf_counter()
-    llm = LLM(model=path, **ENGINE)
+    llm = LLM(
+        model=path,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        enforce_eager=settings.enforce_eager,
+        dtype=settings.dtype,
+    )
     start = time.perf_counter() - started
     conversations = [r["body"]["messages"] for r in requests(n, max_tokens)]
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
@@ -65,7 +85,7 @@ def offline(path: str, n: int, max_tokens: int) -> None:
     print(json.dumps({"start": start, "seconds": seconds, "tokens": tokens}), flush=True)
 
 
-def run_batch(path: str, lines: list[dict]) -> tuple[float, int]:
+def run_batch(settings: "WorkerSettings", path: str, lines: list[dict]) -> tuple[float, int]:
     """(b): wall time of vLLM's batch runner, and output tokens."""
     with tempfile.TemporaryDirectory() as folder:
         source, target = Path(folder) / "in.jsonl", Path(folder) / "out.jsonl"
@@ -85,10 +105,12 @@ def run_batch(path: str, lines: list[dict]) -> tuple[float, int]:
                 "--model",
                 path,
                 "--max-model-len",
-                str(ENGINE["max_model_len"]),
+                str(settings.max_model_len),
                 "--max-num-seqs",
-                str(ENGINE["max_num_seqs"]),
-                "--enforce-eager",
+                str(settings.max_num_seqs),
+                "--dtype",
+                settings.dtype,
+                *(["--enforce-eager"] if settings.enforce_eager else []),
             ],
             check=True,
             capture_output=True,
@@ -126,11 +148,8 @@ def main() -> None:
     parser.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from core.settings import CoreSettings
-    from workers.model_prep import prepare_default_model
-
-    path = str(prepare_default_model(CoreSettings().cache_dir))
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    settings, path = engine_settings()
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kv_cache_gib)
     if args.offline:
         offline(path, args.requests, args.max_tokens)
         return
@@ -143,14 +162,18 @@ def main() -> None:
         "--max-tokens",
         str(args.max_tokens),
     )
-    b_seconds, b_tokens = run_batch(path, requests(args.requests, args.max_tokens))
+    b_seconds, b_tokens = run_batch(settings, path, requests(args.requests, args.max_tokens))
     c_seconds, c_tokens = ferry(requests(args.requests, args.max_tokens))
 
     rate_a = a["tokens"] / a["seconds"]
     rate_b = b_tokens / b_seconds
     rate_b_run = b_tokens / max(b_seconds - a["start"], 1e-9)
     rate_c = c_tokens / c_seconds
-    print(f"{args.requests} requests, max_tokens {args.max_tokens}, temperature 0, one engine")
+    mode = "eager" if settings.enforce_eager else "compiled"
+    print(
+        f"{args.requests} requests, max_tokens {args.max_tokens}, temperature 0, one engine: "
+        f"{settings.dtype}, {mode}, {settings.max_num_seqs} sequences"
+    )
     print(
         f"(a) vLLM LLM.chat:   {a['tokens']:>6} tokens in {a['seconds']:6.1f} s "
         f"= {rate_a:6.0f} tok/s"
